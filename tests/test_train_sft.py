@@ -59,6 +59,7 @@ def test_script_uses_the_same_job(runs_dir):
             "print(r.metrics['steps'], r.run_dir)\n")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines() == [r.stdout.strip().splitlines()[-1]], "quiet=True must print nothing else"
     assert r.stdout.split()[0] == '2'
 
 def test_cli_direct_job(runs_dir):
