@@ -15,9 +15,9 @@ import torch
 # %% auto #0
 __all__ = ['ATTN_IMPLS', 'LlmwbError', 'ConfigError', 'DeviceError', 'DependencyError', 'ModelNotFoundError', 'DatasetError',
            'DatasetNotFoundError', 'EmptyDatasetError', 'available_devices', 'get_device', 'get_dtype', 'dtype_name',
-           'AttentionChoice', 'flash_attn_available', 'resolve_attention', 'set_seed', 'hub_reachable', 'atomic_write',
-           'project_root', 'runs_root', 'slugify', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult',
-           'plot_metrics']
+           'AttentionChoice', 'flash_attn_available', 'resolve_attention', 'set_seed', 'hub_reachable',
+           'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify', 'free_run_dir', 'make_run_dir',
+           'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
 class LlmwbError(Exception):
@@ -175,6 +175,14 @@ def hub_reachable(timeout:float=3.0) -> bool:
     return _HUB_CACHE[key]
 
 # %% ../nbs/00_core.ipynb #e84fda3e
+def looks_like_path(s:str,           # a model or dataset name
+                    suffixes=()       # file suffixes that mark a path (e.g. '.jsonl')
+                   ) -> bool:
+    "Whether `s` is meant as a filesystem path rather than a hub id `owner/name`."
+    return (s.startswith(('/', './', '../', '~', '.\\', '..\\')) or s.count('/') > 1
+            or Path(s).suffix.lower() in set(suffixes))
+
+# %% ../nbs/00_core.ipynb #8694dc09
 def _umask() -> int:
     um = os.umask(0o022); os.umask(um)
     return um
@@ -196,7 +204,7 @@ def atomic_write(path:str|Path,    # the file to (re)write
         raise
     return path
 
-# %% ../nbs/00_core.ipynb #8694dc09
+# %% ../nbs/00_core.ipynb #51a6ae35
 def project_root(start:str|Path=None) -> Path|None:
     "The nearest folder at or above `start` (default: cwd) holding llmwb's settings.ini, or None."
     p = Path(start or os.getcwd()).resolve()
@@ -216,22 +224,31 @@ def slugify(s:str) -> str:
     s = re.sub(r'[^A-Za-z0-9._-]+', '-', str(s).strip()).strip('-.').lower()
     return re.sub(r'-{2,}', '-', s) or 'run'
 
+def _run_dir_names(name:str, root:str|Path=None, when:datetime.datetime=None):
+    "Candidate run folders `root/<YYYY-MM-DD_HHhMM>_<name>`, then with `-2`, `-3`..."
+    root = Path(root) if root else runs_root()
+    base = f"{(when or datetime.datetime.now()):%Y-%m-%d_%Hh%M}_{slugify(name)}"
+    for i in range(1, 10_000): yield root/(base if i == 1 else f'{base}-{i}')
+    raise LlmwbError(f"No free run folder name for {base!r} in {root}.")
+
+def free_run_dir(name:str,           # readable name, e.g. from `JobConfig.run_name()`
+                 root:str|Path=None,  # runs root (default `runs_root()`)
+                 when:datetime.datetime=None  # timestamp (default now)
+                ) -> Path:
+    "The run folder `make_run_dir` would create now, without creating it (for a caller that hands it to a job)."
+    return next(p for p in _run_dir_names(name, root, when) if not p.exists())
+
 def make_run_dir(name:str,           # readable name, e.g. from `JobConfig.run_name()`
                  root:str|Path=None,  # runs root (default `runs_root()`)
                  when:datetime.datetime=None  # timestamp (default now)
                 ) -> Path:
     "Create and return a fresh `root/<YYYY-MM-DD_HHhMM>_<name>/`, adding `-2`, `-3`... if it exists."
-    root = Path(root) if root else runs_root()
-    when = when or datetime.datetime.now()
-    base = f"{when:%Y-%m-%d_%Hh%M}_{slugify(name)}"
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 10_000):
-        p = root/(base if i == 1 else f'{base}-{i}')
+    for p in _run_dir_names(name, root, when):
+        p.parent.mkdir(parents=True, exist_ok=True)
         try: p.mkdir(); return p
         except FileExistsError: continue
-    raise LlmwbError(f"Could not create a run folder for {base!r} in {root}.")
 
-# %% ../nbs/00_core.ipynb #51a6ae35
+# %% ../nbs/00_core.ipynb #d4a6722e
 def _fmt_num(v):
     if isinstance(v, float): return f'{v:g}'
     return str(v)
@@ -331,7 +348,7 @@ class JobConfig:
         d = json.loads(p.read_text()); d.pop('job', None)
         return cls.from_dict(d, strict=False)
 
-# %% ../nbs/00_core.ipynb #366afd98
+# %% ../nbs/00_core.ipynb #3b6e3a6a
 class MetricsLog:
     "Per-step metrics to `metrics.jsonl`, final figures to `metrics.json`, both in a run folder."
     def __init__(self, run_dir:str|Path):
@@ -349,7 +366,7 @@ class MetricsLog:
         "Write `metrics.json` with the final figures."
         return atomic_write(self.run_dir/'metrics.json', json.dumps(metrics, indent=2, default=str))
 
-# %% ../nbs/00_core.ipynb #3b6e3a6a
+# %% ../nbs/00_core.ipynb #420f70a2
 def start_run(job:JobConfig,       # the validated job config
               run_dir:str|Path=''   # a chosen folder (must be new or empty); '' makes runs/<timestamp>_<name>/
              ) -> Path:
@@ -374,7 +391,7 @@ class RunResult:
     tokenizer: Any = field(default=None, repr=False)
     def __getitem__(self, k): return self.metrics[k]
 
-# %% ../nbs/00_core.ipynb #420f70a2
+# %% ../nbs/00_core.ipynb #e50a0ce4
 def plot_metrics(records:list[dict],   # lines from `MetricsLog.read()`
                  keys:list[str],        # metrics to draw, one panel each
                  path:str|Path=None,    # where to save the PNG (optional)

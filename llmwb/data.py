@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #b169f4ee
 from __future__ import annotations
-import os, re, json, random, tempfile
+import os, re, json, random
 from dataclasses import dataclass
 from pathlib import Path
 from unittest.mock import patch
@@ -14,7 +14,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
-from .core import DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write, hub_reachable
+from .core import DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write, hub_reachable, looks_like_path
 
 # %% auto #0
 __all__ = ['IMDB', 'TaskSpec', 'make_sample_imdb', 'save_sample_imdb', 'load_raw_dataset', 'to_prompt_completion', 'parse_label',
@@ -199,9 +199,6 @@ _ACCEPTED = ("'sample-imdb', a hub id such as 'stanfordnlp/imdb', a folder writt
              "a folder of .json/.jsonl/.csv/.parquet files (one split per file), or one such file")
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$')
 
-def _looks_like_path(s:str) -> bool:
-    return s.startswith(('/', './', '../', '~', '.\\', '..\\')) or Path(s).suffix.lower() in _DATA_SUFFIXES or s.count('/') > 1
-
 def _split_name(f:Path) -> str:
     "The split a data file belongs to: its stem without a shard suffix, as a valid split name."
     stem = re.sub(r'-\d+-of-\d+$', '', f.name[:-len(f.suffix)] if f.suffix else f.name)
@@ -213,10 +210,10 @@ def _is_empty_file(f:Path) -> bool:
 
 def _load_files(files:dict, where:str) -> DatasetDict:
     "Load {split: [files]} with the datasets builder for each file type."
+    def empty(split, fs): return EmptyDatasetError(f"Split {split!r} from {where} is empty: {', '.join(str(f) for f in fs)} has no rows.",
+                                                   fix="write at least one example into it, or remove the file.")
     for split, fs in files.items():
-        if all(_is_empty_file(f) for f in fs): raise EmptyDatasetError(
-            f"Split {split!r} from {where} is empty: {', '.join(str(f) for f in fs)} has no rows.",
-            fix="write at least one example into it, or remove the file.")
+        if all(_is_empty_file(f) for f in fs): raise empty(split, fs)
     out = {}
     for split, fs in files.items():
         kinds = {_DATA_SUFFIXES[f.suffix.lower()] for f in fs}
@@ -225,8 +222,7 @@ def _load_files(files:dict, where:str) -> DatasetDict:
         try: out[split] = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in fs], split='train')
         except (StopIteration, ValueError) as e:
             if isinstance(e, StopIteration) or 'corresponds to no data' in str(e):
-                raise EmptyDatasetError(f"Split {split!r} from {where} is empty: {', '.join(str(f) for f in fs)} has no rows.",
-                                        fix="write at least one example into it.") from None
+                raise empty(split, fs) from None
             raise DatasetError(f"Could not read {', '.join(str(f) for f in fs)}: {e}",
                                expected=f"valid {'/'.join(sorted(set(_DATA_SUFFIXES)))} data") from e
         except Exception as e:
@@ -291,7 +287,7 @@ def load_raw_dataset(source:str|Path|Dataset|DatasetDict,  # 'sample-imdb', a lo
         s = str(source).strip(); where = repr(s)
         if s == 'sample-imdb': dd = make_sample_imdb()
         elif Path(s).expanduser().exists(): dd = _load_local(Path(s).expanduser())
-        elif _looks_like_path(s): raise DatasetNotFoundError(f"No dataset at {s!r}: the path does not exist.",
+        elif looks_like_path(s, _DATA_SUFFIXES): raise DatasetNotFoundError(f"No dataset at {s!r}: the path does not exist.",
                                                              expected=_ACCEPTED, fix="check the path (relative paths start at the current folder, "
                                                              f"{os.getcwd()}), or use 'sample-imdb'.")
         elif _HUB_ID.match(s): dd = _load_hub(s)

@@ -14,7 +14,7 @@ import transformers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedModel,
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 from .core import (ConfigError, DependencyError, LlmwbError, ModelNotFoundError, get_device, get_dtype, dtype_name,
-                        hub_reachable, resolve_attention, set_seed)
+                        hub_reachable, looks_like_path, resolve_attention, set_seed)
 
 # %% auto #0
 __all__ = ['PRESETS', 'ENCODER_ONLY', 'gpt2_tokenizer', 'ModelPreset', 'register_preset', 'ModelSource', 'resolve_model_source',
@@ -70,9 +70,6 @@ register_preset(ModelPreset(
     lambda: gpt2_tokenizer(model_max_length=512)))
 
 # %% ../nbs/04_models.ipynb #e355ef27
-def _looks_like_path(s:str) -> bool:
-    return s.startswith(('/', './', '../', '~', '.\\')) or os.sep in s.strip('/').split('/', 2)[-1] or Path(s).suffix in ('.bin', '.safetensors')
-
 def _hub_cached(repo_id:str) -> bool:
     from huggingface_hub import try_to_load_from_cache
     try: r = try_to_load_from_cache(repo_id, 'config.json')
@@ -101,7 +98,7 @@ def resolve_model_source(name:str # preset name, local folder or hub id
                                      fix="point model= at the folder holding config.json, e.g. a run's model/ folder.")
         return ModelSource(name, 'local', str(p))
     presets = ', '.join(PRESETS)
-    if _looks_like_path(name):
+    if looks_like_path(name, ('.bin', '.safetensors')):
         raise ModelNotFoundError(f"Model path {name!r} does not exist.",
                                  fix=f"check the path, or use an offline preset ({presets}).")
     if hub_reachable(): return ModelSource(name, 'hub', name)

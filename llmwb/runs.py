@@ -4,10 +4,10 @@
 
 # %% ../nbs/11_runs.ipynb #2491442d
 from __future__ import annotations
-import os, sys, json, shutil, argparse, importlib, typing, datetime
+import os, sys, json, shutil, argparse, importlib, typing
 from dataclasses import dataclass, fields, MISSING
 from pathlib import Path
-from .core import JobConfig, LlmwbError, ConfigError, project_root, runs_root, slugify
+from .core import LlmwbError, ConfigError, free_run_dir, project_root
 
 # %% auto #0
 __all__ = ['JOBS', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook', 'main']
@@ -52,13 +52,6 @@ def parse_value(v:str):
 class JobFailed(LlmwbError):
     "A job notebook stopped with an error; the message carries the job's own error."
 
-def _free_run_dir(name:str) -> Path:
-    root = runs_root(); stamp = f"{datetime.datetime.now():%Y-%m-%d_%Hh%M}_{slugify(name)}"
-    for i in range(1, 10_000):
-        p = root/(stamp if i == 1 else f'{stamp}-{i}')
-        if not p.exists(): return p
-    raise LlmwbError(f"No free run folder name for {stamp!r} in {root}.")
-
 def run_job_notebook(job:str,              # job name, notebook name or notebook path
                      params:dict=None,      # parameters, as for papermill -p
                      output:str|Path=None,  # where to also write the executed notebook (optional)
@@ -71,7 +64,7 @@ def run_job_notebook(job:str,              # job name, notebook name or notebook
     params = dict(params or {})
     cls, _ = spec.load()
     cfg = cls.from_dict(params)  # unknown names and bad values fail here, before anything is created
-    run_dir = Path(params['run_dir']) if params.get('run_dir') else _free_run_dir(cfg.run_name())
+    run_dir = Path(params['run_dir']) if params.get('run_dir') else free_run_dir(cfg.run_name())
     params['run_dir'] = str(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.parent/f'.{run_dir.name}.{spec.notebook}'

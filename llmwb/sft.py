@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_sft.ipynb #cdfc2e93
 from __future__ import annotations
-import os, json, math, time, warnings
-from dataclasses import dataclass, field
+import os, time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from .core import (JobConfig, ConfigError, EmptyDatasetError, MetricsLog, RunResult, _fmt_num, atomic_write,
-                        get_device, get_dtype, dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS)
+from .core import (JobConfig, ConfigError, DatasetError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
+                        dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS)
 from .data import IMDB, load_raw_dataset, to_prompt_completion, generative_eval
 from .models import load_model, resolve_model_source
 
@@ -87,7 +87,8 @@ class CompletionSFTTrainer(SFTTrainer):
 
     def _compact_ok(self, model, inputs) -> bool:
         if getattr(self, '_compact_disabled', None) is None:
-            cfg = model.config.get_text_config() if hasattr(model.config, 'get_text_config') else model.config
+            cfg = model.config.get_text_config()
+            self._vocab_size = cfg.vocab_size
             dev = next(model.parameters()).device
             self._compact_disabled = bool(
                 self.accelerator.num_processes > 1 or dev.type in ('cuda', 'xpu') or self.aux_loss_enabled
@@ -97,7 +98,7 @@ class CompletionSFTTrainer(SFTTrainer):
                        ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling'))
                 or not hasattr(model, 'base_model') or model.get_output_embeddings() is None)
         if self._compact_disabled or 'labels' not in inputs or 'shift_labels' in inputs: return False
-        return int((inputs['labels'] != -100).sum()) * model.config.get_text_config().vocab_size <= self.max_compact_elems
+        return int((inputs['labels'] != -100).sum()) * self._vocab_size <= self.max_compact_elems
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not self._compact_ok(model, inputs):
@@ -122,23 +123,15 @@ class CompletionSFTTrainer(SFTTrainer):
         return loss
 
 # %% ../nbs/07_sft.ipynb #cab1f723
-def _limit(ds, n:int, seed:int):
-    return ds if not n or n >= len(ds) else ds.shuffle(seed=seed).select(range(n))
-
 def _prepare_data(job:SFTJob):
     "Load the train and held-out splits as prompt/completion datasets (raises before any run folder exists)."
-    raw = load_raw_dataset(job.dataset)
+    raw = load_raw_dataset(job.dataset)  # refuses empty splits
     for split in (job.train_split, job.eval_split):
         if split not in raw:
-            from llmwb.core import DatasetError
             raise DatasetError(f"Dataset {job.dataset!r} has no split {split!r}.", expected=f"one of {', '.join(raw)}",
                                fix=f"pass train_split=/eval_split= with one of {', '.join(raw)}.")
-    train = to_prompt_completion(_limit(raw[job.train_split], job.max_train_examples, job.seed), IMDB)
-    held = to_prompt_completion(_limit(raw[job.eval_split], job.max_eval_examples, job.seed), IMDB)
-    for split, d in ((job.train_split, train), (job.eval_split, held)):
-        if len(d) == 0: raise EmptyDatasetError(f"Split {split!r} of {job.dataset!r} has no examples.",
-                                                fix="point dataset= at data with examples in that split.")
-    return train, held
+    def pick(split, n): return to_prompt_completion(load_raw_dataset(raw, split=split, max_examples=n or None, seed=job.seed), IMDB)
+    return pick(job.train_split, job.max_train_examples), pick(job.eval_split, job.max_eval_examples)
 
 def _precision(job:SFTJob, device:torch.device) -> dict:
     "Mixed-precision flags for the trainer: weights stay fp32, compute runs in the chosen dtype."
@@ -151,17 +144,17 @@ def train_sft(job:SFTJob,        # the job to run
               quiet:bool=False    # hide progress bars and prints
              ) -> RunResult:
     "Run SFT job `job`: load, evaluate, train, evaluate again, and record everything in its run folder."
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
     t_start = time.time()
     # 1. everything that can fail on bad input happens before the run folder exists
     device = get_device(job.device)
     precision = _precision(job, device)
-    src = resolve_model_source(job.model)
+    resolve_model_source(job.model)  # an unknown model fails here, before the data are loaded
     train_ds, held_ds = _prepare_data(job)
     lm = load_model(job.model, device=str(device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
-    lr = job.lr or (1e-3 if src.kind == 'preset' else 5e-5)
+    lr = job.lr or (1e-3 if lm.source.kind == 'preset' else 5e-5)
     # 2. the run
     run_dir = start_run(job, job.run_dir)
     mlog = MetricsLog(run_dir)
@@ -210,7 +203,7 @@ def train_sft(job:SFTJob,        # the job to run
             'train_loss': out.training_loss, 'final_loss': next((r['loss'] for r in reversed(records) if 'loss' in r), None),
             'steps': out.global_step, 'lr': lr, 'train_runtime_s': round(train_time, 2),
             'steps_per_s': round(out.global_step / max(train_time, 1e-9), 2), 'wall_time_s': round(time.time() - t_start, 2),
-            **{k: v for k, v in lm.summary().items()}, 'precision': 'bf16' if precision['bf16'] else 'fp16' if precision['fp16'] else 'fp32',
+            **lm.summary(), 'precision': dtype_name(get_dtype(job.dtype, device)),
             'samples_after': after['samples'][:5],
         }
         mlog.write_final(metrics)

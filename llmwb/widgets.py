@@ -7,7 +7,7 @@ from __future__ import annotations
 import typing
 from dataclasses import fields
 from fastcore.docments import docments
-from .core import JobConfig, ConfigError, LlmwbError
+from .core import JobConfig, LlmwbError
 
 # %% auto #0
 __all__ = ['CHOICES', 'config_form']
@@ -45,7 +45,7 @@ def config_form(job:JobConfig # the config the form edits in place
     "An ipywidgets form whose inputs edit `job` in place, each labelled with the field's comment."
     import ipywidgets as W
     hints, docs = typing.get_type_hints(type(job)), docments(type(job))
-    rows, status = [], W.HTML()
+    rows = []
     form = W.VBox(layout=W.Layout(border='1px solid #ddd', padding='6px'))
     form.widgets_by_field = {}
     for f in fields(job):
