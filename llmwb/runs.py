@@ -94,15 +94,27 @@ def _job_parser(cls, prog):
     return ap
 
 def main(argv:list[str]=None):
-    "The `llmwb` command: `run` a job notebook, run a job directly (`sft`), or list `jobs`."
+    "The `llmwb` command: `run` a job notebook, run a job directly (`sft`), list `jobs` or `datasets`, or write `fixtures`."
     argv = sys.argv[1:] if argv is None else argv
     usage = ("usage: llmwb run JOB [-p NAME VALUE]... [--output NB]   run a job notebook with papermill\n"
              "       llmwb JOB [--NAME VALUE]...                      run a job in this process\n"
-             "       llmwb jobs                                       list jobs and their notebooks\n")
+             "       llmwb jobs                                       list jobs and their notebooks\n"
+             "       llmwb datasets                                   list the dataset catalogue\n"
+             "       llmwb fixtures DIR [NAME]...                     write the offline dataset mirror (then LLMWB_DATA_DIR=DIR)\n")
     if not argv or argv[0] in ('-h', '--help'): print(usage); return 0
     try:
         if argv[0] == 'jobs':
             for s in JOBS.values(): print(f"{s.name:8} {s.module}.{s.fn}({s.config})  nbs/{s.notebook}")
+            return 0
+        if argv[0] == 'datasets':
+            from llmwb.registry import list_datasets
+            for d in list_datasets(): print(f"{d['name']:28} {d['hf_id']:42} {d['task']:16} {d['modes']:18} {d['configs']}")
+            return 0
+        if argv[0] == 'fixtures':
+            from llmwb.fixtures import write_fixture_mirror
+            if len(argv) < 2: raise ConfigError("llmwb fixtures needs the folder to write the mirror into.", fix="llmwb fixtures ./data-mirror")
+            root = write_fixture_mirror(argv[1], argv[2:] or None)
+            print(f"offline dataset mirror written to {root}\nuse it with: export LLMWB_DATA_DIR={root.resolve()}")
             return 0
         if argv[0] == 'run':
             ap = argparse.ArgumentParser(prog='llmwb run')

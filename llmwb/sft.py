@@ -5,6 +5,7 @@
 # %% ../nbs/07_sft.ipynb #cdfc2e93
 from __future__ import annotations
 import os, time
+import matplotlib.pyplot as plt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import torch
 from transformers import TrainerCallback
 from .core import (JobConfig, ConfigError, DatasetError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
                         dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS)
-from .data import IMDB, load_raw_dataset, to_prompt_completion, generative_eval
+from .registry import load_task, get_spec
+from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
+from .evaluation import generative_eval, plot_confusion
 from .models import load_model, resolve_model_source
 
 # %% auto #0
@@ -23,9 +26,15 @@ __all__ = ['SFTJob', 'MetricsCallback', 'CompletionSFTTrainer', 'train_sft']
 class SFTJob(JobConfig):
     "Supervised fine-tuning of a causal LM on prompt/completion pairs."
     model: str = 'tiny-gpt2'          # offline preset (tiny-gpt2), local folder, or hub id (e.g. gpt2)
-    dataset: str = 'sample-imdb'      # 'sample-imdb', a local path (jsonl/csv/parquet/save_to_disk), or a hub id (stanfordnlp/imdb)
-    train_split: str = 'train'        # split to train on
-    eval_split: str = 'test'          # held-out split for generative evaluation
+    dataset: str = 'sample-imdb'      # catalogue name (imdb, glue, gsm8k, ...), sample-imdb, a hub id, or a local path
+    dataset_config: str = ''          # the dataset's config, e.g. sst2 for glue ('' for its default)
+    datasets: list|None = None        # a mixture instead of one dataset, e.g. imdb,glue
+    configs: list|None = None         # the mixture's configs, one per dataset (none where there is none), e.g. none,sst2
+    rates: list|None = None           # the mixture's shares, summing to 1, e.g. 0.7,0.3
+    mixture_strategy: str = 'first_exhausted'  # first_exhausted stops when a source runs out; all_exhausted over-samples
+    data_dir: str = ''                # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
+    train_split: str = ''             # split to train on ('' for the dataset's own)
+    eval_split: str = ''              # held-out split for generative evaluation ('' for the dataset's own)
     max_train_examples: int = 0       # cap on training examples (0: all)
     max_eval_examples: int = 500      # cap on held-out examples scored before and after (0: all)
     max_length: int = 256             # longest tokenized prompt+completion; longer ones are truncated
@@ -42,7 +51,7 @@ class SFTJob(JobConfig):
     device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
     dtype: str = 'auto'               # training precision: auto (bf16/fp16 mixed on CUDA, fp32 elsewhere), fp32, bf16, fp16
     attn_implementation: str = 'auto' # auto, flash_attention_2, sdpa or eager
-    eval_max_new_tokens: int = 3      # tokens generated per held-out prompt
+    eval_max_new_tokens: int = 0      # tokens generated per held-out prompt (0 by task: a label, a letter, a solution)
     eval_batch_size: int = 64         # prompts per generation batch
     logging_steps: int = 10           # log loss every this many steps
     save_model: bool = True           # save the final model and tokenizer to <run>/model
@@ -50,24 +59,41 @@ class SFTJob(JobConfig):
     name: str = ''                    # readable run name; '' derives it from model, dataset and hyperparameters
 
     def validate(self):
-        for k in ('batch_size', 'grad_accum', 'max_length', 'logging_steps', 'eval_batch_size', 'eval_max_new_tokens'):
+        for k in ('batch_size', 'grad_accum', 'max_length', 'logging_steps', 'eval_batch_size'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
-        for k in ('max_train_examples', 'max_eval_examples'):
+        for k in ('max_train_examples', 'max_eval_examples', 'eval_max_new_tokens'):
             if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0 (0 = all), got {getattr(self, k)}.")
         if self.lr is not None and not 0 < self.lr < 1: raise ConfigError(f"lr must be in (0, 1), got {self.lr}.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("Nothing to train: num_train_epochs <= 0 and max_steps <= 0.", fix="set num_train_epochs > 0 or max_steps > 0.")
         if self.warmup < 0: raise ConfigError(f"warmup must be >= 0, got {self.warmup}.")
+        if self.datasets or self.configs or self.rates:
+            self.datasets, self.configs, self.rates = check_mixture(self.datasets, self.configs, self.rates)
+            if self.dataset_config: raise ConfigError("dataset_config applies to a single dataset; a mixture takes configs=.",
+                                                      fix="put the config in configs=, one per dataset.")
+        if self.mixture_strategy not in STRATEGIES:
+            raise ConfigError(f"Unknown mixture_strategy {self.mixture_strategy!r}.", expected=f"one of {', '.join(STRATEGIES)}")
         if self.attn_implementation not in ATTN_IMPLS:
             raise ConfigError(f"Unknown attn_implementation {self.attn_implementation!r}.", expected=f"one of {', '.join(ATTN_IMPLS)}")
 
     def run_name(self) -> str:
         if self.name: return self.name
         m = Path(self.model).name if os.sep in self.model or Path(self.model).exists() else self.model.split('/')[-1]
-        d = Path(self.dataset).stem if Path(self.dataset).suffix else self.dataset.rstrip('/').split('/')[-1]
+        d = self.data_name()
         length = f"steps{self.max_steps}" if self.max_steps > 0 else f"ep{_fmt_num(self.num_train_epochs)}"
         lr = f"_lr{_fmt_num(self.lr)}" if self.lr else ''
         return f"sft_{m}_{d}{lr}_bs{self.batch_size * self.grad_accum}_{length}"
+
+    def data_name(self) -> str:
+        "The data part of run names: 'sample-imdb', 'glue-sst2', 'mix_imdb-sentiment-70_glue-sst2-30', or a file's stem."
+        def one(name, cfg):
+            if name == 'sample-imdb': return name
+            try: return get_spec(name, cfg or None).short_name()
+            except Exception: return Path(name).stem if Path(name).suffix else name.rstrip('/').split('/')[-1]
+        if self.datasets:
+            try: return mixture_name([get_spec(n, c) for n, c in zip(self.datasets, self.configs)], self.rates)
+            except Exception: return 'mix_' + '_'.join(f"{one(n, c)}-{round(r * 100)}" for n, c, r in zip(self.datasets, self.configs, self.rates))
+        return one(self.dataset, self.dataset_config)
 
 # %% ../nbs/07_sft.ipynb #5f21893f
 class MetricsCallback(TrainerCallback):
@@ -124,14 +150,16 @@ class CompletionSFTTrainer(SFTTrainer):
 
 # %% ../nbs/07_sft.ipynb #cab1f723
 def _prepare_data(job:SFTJob):
-    "Load the train and held-out splits as prompt/completion datasets (raises before any run folder exists)."
-    raw = load_raw_dataset(job.dataset)  # refuses empty splits
-    for split in (job.train_split, job.eval_split):
-        if split not in raw:
-            raise DatasetError(f"Dataset {job.dataset!r} has no split {split!r}.", expected=f"one of {', '.join(raw)}",
-                               fix=f"pass train_split=/eval_split= with one of {', '.join(raw)}.")
-    def pick(split, n): return to_prompt_completion(load_raw_dataset(raw, split=split, max_examples=n or None, seed=job.seed), IMDB)
-    return pick(job.train_split, job.max_train_examples), pick(job.eval_split, job.max_eval_examples)
+    "The formatted train and held-out splits, the spec of each source, a description and notes (raises before any run folder exists)."
+    common = dict(mode='sft', max_train=job.max_train_examples or None, max_eval=job.max_eval_examples or None, seed=job.seed,
+                  data_dir=job.data_dir or None)
+    if job.datasets:
+        if job.train_split or job.eval_split:
+            raise ConfigError("train_split/eval_split apply to a single dataset; a mixture uses each source's own splits.")
+        mx = load_mixture(job.datasets, job.configs, job.rates, stopping_strategy=job.mixture_strategy, **common)
+        return mx.train, mx.eval, mx.specs, mx.describe(), [f"{k}: {s.notes}" for k, s in mx.specs.items() if s.notes]
+    td = load_task(job.dataset, job.dataset_config or None, train_split=job.train_split or None, eval_split=job.eval_split or None, **common)
+    return td.train, td.eval, {td.spec.key: td.spec}, f"{td.spec.key} ({td.spec.task}): {len(td.train):,} train rows, {len(td.eval):,} held-out rows", td.notes
 
 def _precision(job:SFTJob, device:torch.device) -> dict:
     "Mixed-precision flags for the trainer: weights stay fp32, compute runs in the chosen dtype."
@@ -139,6 +167,18 @@ def _precision(job:SFTJob, device:torch.device) -> dict:
     if dt == torch.float16 and device.type == 'cpu':
         raise ConfigError("fp16 mixed precision is not supported on the CPU.", fix="use dtype='bf16' or 'fp32' on the CPU.")
     return {'bf16': dt == torch.bfloat16, 'fp16': dt == torch.float16}
+
+def _score_line(res:dict, label:str='') -> str:
+    "'accuracy 0.912 (parsed 100%)', or the exact match / token F1 of generative tasks."
+    acc = res.get('accuracy', res.get('exact_match'))
+    bits = [f"accuracy {acc:.3f}" if acc is not None else None,
+            f"macro-F1 {res['macro_f1']:.3f}" if 'macro_f1' in res else None,
+            f"token F1 {res['token_f1']:.3f}" if 'token_f1' in res else None, f"parsed {res['parse_rate']:.0%}"]
+    return (f"{label}: " if label else '') + ', '.join(b for b in bits if b)
+
+def _strip(per_source:dict) -> dict:
+    "Per-source metrics for metrics.json: rounded, the confusion matrix kept."
+    return {k: {n: (round(v, 4) if isinstance(v, float) else v) for n, v in m.items()} for k, m in per_source.items()}
 
 def train_sft(job:SFTJob,        # the job to run
               quiet:bool=False    # hide progress bars and prints
@@ -152,7 +192,7 @@ def train_sft(job:SFTJob,        # the job to run
     device = get_device(job.device)
     precision = _precision(job, device)
     resolve_model_source(job.model)  # an unknown model fails here, before the data are loaded
-    train_ds, held_ds = _prepare_data(job)
+    train_ds, held_ds, specs, data_desc, data_notes = _prepare_data(job)
     lm = load_model(job.model, device=str(device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
     lr = job.lr or (1e-3 if lm.source.kind == 'preset' else 5e-5)
     # 2. the run
@@ -162,9 +202,11 @@ def train_sft(job:SFTJob,        # the job to run
     try:
         say(f"run folder: {run_dir}")
         say(f"model: {job.model} ({lm.n_params:,} params) on {device}, attention {lm.attn_implementation}: {lm.attn_reason}")
-        before = generative_eval(lm.model, lm.tokenizer, held_ds, IMDB, max_new_tokens=job.eval_max_new_tokens,
-                                 batch_size=job.eval_batch_size)
-        say(f"held-out accuracy before training: {before['accuracy']:.3f} (parsed {before['parse_rate']:.0%})")
+        say(f"data: {data_desc}" + ''.join(f"\n  note: {n}" for n in data_notes))
+        evaluate = lambda: generative_eval(lm.model, lm.tokenizer, held_ds, specs, max_new_tokens=job.eval_max_new_tokens or None,
+                                           batch_size=job.eval_batch_size)
+        before = evaluate()
+        say(f"held-out {_score_line(before)} before training")
         set_seed(job.seed)
         args = SFTConfig(
             output_dir=str(run_dir/'checkpoints'), per_device_train_batch_size=job.batch_size,
@@ -176,8 +218,8 @@ def train_sft(job:SFTJob,        # the job to run
             dataloader_pin_memory=device.type == 'cuda', disable_tqdm=quiet, per_device_eval_batch_size=job.eval_batch_size,
             **precision)
         tb = SummaryWriter(str(run_dir/'tensorboard'))
-        trainer = CompletionSFTTrainer(model=lm.model, args=args, train_dataset=train_ds,
-                             eval_dataset=held_ds.remove_columns('label'), processing_class=lm.tokenizer,
+        trainer = CompletionSFTTrainer(model=lm.model, args=args, train_dataset=train_ds.select_columns(['prompt', 'completion']),
+                             eval_dataset=held_ds.select_columns(['prompt', 'completion']), processing_class=lm.tokenizer,
                              callbacks=[MetricsCallback(mlog), TensorBoardCallback(tb)])
         if quiet:
             from transformers.trainer_callback import PrinterCallback
@@ -187,19 +229,22 @@ def train_sft(job:SFTJob,        # the job to run
         train_time = time.time() - t0
         eval_loss = trainer.evaluate()['eval_loss']
         tb.close()
-        after = generative_eval(lm.model, lm.tokenizer, held_ds, IMDB, max_new_tokens=job.eval_max_new_tokens,
-                                batch_size=job.eval_batch_size)
-        say(f"held-out accuracy after training: {after['accuracy']:.3f} (parsed {after['parse_rate']:.0%}), before: {before['accuracy']:.3f}")
+        after = evaluate()
+        say(f"held-out {_score_line(after)} after training" + ''.join(f"\n  {_score_line(m, k)}" for k, m in after['per_source'].items() if len(specs) > 1))
+        for k, m in after['per_source'].items():
+            if 'confusion' in m:
+                plt.close(plot_confusion(m['confusion'], m['label_names'], run_dir/'plots'/f"confusion_{k.replace('/', '_')}.png",
+                                         f"{k}: held-out after training (accuracy {m['accuracy']:.3f})"))
         if job.save_model:
             lm.model.save_pretrained(run_dir/'model'); lm.tokenizer.save_pretrained(run_dir/'model')
         records = mlog.read()
-        plot_metrics(records, ['loss', 'learning_rate'], run_dir/'plots'/'loss.png',
-                     title=f"SFT {job.model} on {job.dataset}")
+        plot_metrics(records, ['loss', 'learning_rate'], run_dir/'plots'/'loss.png', title=f"SFT {job.model} on {job.data_name()}")
         metrics = {
             'status': 'completed',
             'accuracy_before': before['accuracy'], 'accuracy_after': after['accuracy'],
             'parse_rate_before': before['parse_rate'], 'parse_rate_after': after['parse_rate'],
-            'n_eval': after['n'], 'n_train': len(train_ds), 'eval_loss': eval_loss,
+            'n_eval': after['n'], 'n_train': len(train_ds), 'eval_loss': eval_loss, 'data': job.data_name(),
+            'eval_before': _strip(before['per_source']), 'eval_after': _strip(after['per_source']),
             'train_loss': out.training_loss, 'final_loss': next((r['loss'] for r in reversed(records) if 'loss' in r), None),
             'steps': out.global_step, 'lr': lr, 'train_runtime_s': round(train_time, 2),
             'steps_per_s': round(out.global_step / max(train_time, 1e-9), 2), 'wall_time_s': round(time.time() - t_start, 2),
