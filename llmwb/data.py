@@ -158,7 +158,7 @@ def save_sample_imdb(path:str|Path,      # the folder to write train.jsonl and t
 
 # %% ../nbs/01_data.ipynb #f4603041
 _DATA_SUFFIXES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet'}
-_ACCEPTED = ("'sample-imdb', a hub id such as 'stanfordnlp/imdb', a folder written by save_to_disk, "
+_ACCEPTED = ("a catalogue name (`llmwb datasets`), 'sample-imdb', a hub id such as 'stanfordnlp/imdb', a folder written by save_to_disk, "
              "a folder of .json/.jsonl/.csv/.parquet files (one split per file), or one such file")
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$')
 

@@ -105,7 +105,7 @@ def plot_confusion(cm:list, label_names, path:str|Path|None=None, title:str=''):
     import matplotlib; import matplotlib.pyplot as plt
     import numpy as np
     a = np.array(cm)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * a.shape[1], 1.0 + 0.7 * a.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 0.9 * a.shape[1]), 1.4 + 0.7 * a.shape[0]))
     ax.imshow(a, cmap='Blues')
     ax.set_xticks(range(a.shape[1]), list(label_names) + ['(unparsed)'], rotation=30, ha='right')
     ax.set_yticks(range(a.shape[0]), list(label_names))

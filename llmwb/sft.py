@@ -206,7 +206,8 @@ def train_sft(job:SFTJob,        # the job to run
         evaluate = lambda: generative_eval(lm.model, lm.tokenizer, held_ds, specs, max_new_tokens=job.eval_max_new_tokens or None,
                                            batch_size=job.eval_batch_size)
         before = evaluate()
-        say(f"held-out {_score_line(before)} before training")
+        one = lambda res: res if len(specs) > 1 else next(iter(res['per_source'].values()))   # one source: its own metrics (macro-F1, ...)
+        say(f"held-out {_score_line(one(before))} before training")
         set_seed(job.seed)
         args = SFTConfig(
             output_dir=str(run_dir/'checkpoints'), per_device_train_batch_size=job.batch_size,
@@ -230,7 +231,7 @@ def train_sft(job:SFTJob,        # the job to run
         eval_loss = trainer.evaluate()['eval_loss']
         tb.close()
         after = evaluate()
-        say(f"held-out {_score_line(after)} after training" + ''.join(f"\n  {_score_line(m, k)}" for k, m in after['per_source'].items() if len(specs) > 1))
+        say(f"held-out {_score_line(one(after))} after training" + ''.join(f"\n  {_score_line(m, k)}" for k, m in after['per_source'].items() if len(specs) > 1))
         for k, m in after['per_source'].items():
             if 'confusion' in m:
                 plt.close(plot_confusion(m['confusion'], m['label_names'], run_dir/'plots'/f"confusion_{k.replace('/', '_')}.png",
