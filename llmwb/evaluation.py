@@ -133,7 +133,7 @@ def _correct(spec:DatasetSpec, gen:str, row:dict):
         p = gen.strip().split('\n')[0].strip()
         return p or None, bool(p) and token_f1(p, row.get('answer', '')) == 1.0
     if t == 'code':
-        try: ast.parse((row.get('prompt_code') or '') + gen); return gen, None
+        try: ast.parse(gen); return gen, None
         except SyntaxError: return None, None
     return gen, None
 

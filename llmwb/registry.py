@@ -181,7 +181,7 @@ def register_dataset(spec:DatasetSpec|str=None,  # a `DatasetSpec`, or the name 
         if taken: raise ConfigError(f"Dataset name(s) {taken} are already registered.", fix="pick another name, or pass overwrite=True.")
     for n in [n for n, v in _ALIASES.items() if v == spec.name]: del _ALIASES[n]
     REGISTRY[spec.name] = spec
-    for n in names: _ALIASES.setdefault(n, spec.name) if not overwrite else _ALIASES.__setitem__(n, spec.name)
+    for n in names: _ALIASES[n] = spec.name   # without overwrite, none of these names belongs to another entry
     return spec
 
 def unregister_dataset(name:str):
