@@ -14,7 +14,16 @@ __all__ = ['CHOICES', 'config_form']
 
 # %% ../nbs/12_widgets.ipynb #1c0983f8
 CHOICES = {'device': ['auto', 'cpu', 'cuda', 'mps'], 'dtype': ['auto', 'fp32', 'bf16', 'fp16'],
-           'attn_implementation': ['auto', 'flash_attention_2', 'sdpa', 'eager']}
+           'attn_implementation': ['auto', 'flash_attention_2', 'sdpa', 'eager'],
+           'mixture_strategy': ['first_exhausted', 'all_exhausted']}
+
+def _is_list(tp) -> bool:
+    return any(a in (list, tuple) or typing.get_origin(a) in (list, tuple) for a in (typing.get_args(tp) or (tp,)))
+
+def _show(value) -> str:
+    "A value as the text a user would type: lists comma-separated ('none' for an empty entry)."
+    if isinstance(value, (list, tuple)): return ','.join('none' if v is None else str(v) for v in value)
+    return '' if value is None else str(value)
 
 def _widget_for(name, value, tp, desc):
     import ipywidgets as W
@@ -26,7 +35,10 @@ def _widget_for(name, value, tp, desc):
     elif tp is bool: w = W.Checkbox(value=value, indent=False, **lay)
     elif tp is int: w = W.IntText(value=value, **lay)
     elif tp is float: w = W.FloatText(value=value, **lay)
-    else: w = W.Text(value='' if value is None else str(value), placeholder='None' if type(None) in args else '', **lay)
+    elif name == 'dataset':   # the catalogue as suggestions; any path or hub id can still be typed
+        from llmwb.registry import REGISTRY
+        w = W.Combobox(value=_show(value), options=['sample-imdb', *REGISTRY], ensure_option=False, **lay)
+    else: w = W.Text(value=_show(value), placeholder='None' if type(None) in args else '', **lay)
     w.tooltip = desc or ''
     return w
 
@@ -34,6 +46,7 @@ def _parse_text(v:str, tp):
     "A text input's value as the field's type (empty = None where allowed)."
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if v.strip() == '' and type(None) in typing.get_args(tp): return None
+    if _is_list(tp): return v   # the job splits 'imdb,glue' itself
     for a in args or [tp]:
         if a is str: return v
         try: return a(v)
@@ -44,23 +57,29 @@ def config_form(job:JobConfig # the config the form edits in place
                ):
     "An ipywidgets form whose inputs edit `job` in place, each labelled with the field's comment."
     import ipywidgets as W
+    pending = {}   # refused edits, retried with each later one: fields that only make sense together (a mixture's lists)
     hints, docs = typing.get_type_hints(type(job)), docments(type(job))
     rows = []
     form = W.VBox(layout=W.Layout(border='1px solid #ddd', padding='6px'))
-    form.widgets_by_field = {}
+    form.widgets_by_field, notes = {}, {}
     for f in fields(job):
         tp = hints[f.name]
         w = _widget_for(f.name, getattr(job, f.name), tp, docs.get(f.name))
         note = W.HTML(f"<span style='color:#666;font-size:90%'>{docs.get(f.name) or ''}</span>")
-        def on_change(change, name=f.name, tp=tp, note=note, doc=docs.get(f.name) or ''):
+        def on_change(change, name=f.name, tp=tp, note=note):
             v = change['new']
             if isinstance(v, str) and tp is not str: v = _parse_text(v, tp)
-            try:
-                new = job.replace(**{name: v})
-                setattr(job, name, getattr(new, name))
-                note.value = f"<span style='color:#666;font-size:90%'>{doc}</span>"
-            except LlmwbError as e:
-                note.value = f"<span style='color:#b00'>{str(e).splitlines()[0]}</span>"
+            pending[name] = v
+            for edits in (dict(pending), {name: v}):   # with the waiting edits, else alone
+                try: new = job.replace(**edits)
+                except LlmwbError as e:
+                    err = e; continue
+                for k in edits:
+                    setattr(job, k, getattr(new, k)); pending.pop(k)
+                    notes[k].value = f"<span style='color:#666;font-size:90%'>{docs.get(k) or ''}</span>"
+                return
+            note.value = f"<span style='color:#b00'>{str(err).splitlines()[0]}</span>"
+        notes[f.name] = note
         w.observe(on_change, names='value')
         form.widgets_by_field[f.name] = w
         rows.append(W.HBox([w, note]))
