@@ -313,8 +313,15 @@ def write_fixture_mirror(root:str|Path,       # the mirror's root folder (create
                          overwrite:bool=False # rewrite datasets already there
                         ) -> Path:
     "Write the offline fixtures of the catalogue into `root`, one folder per hub id; point LLMWB_DATA_DIR at it."
+    from datasets.utils import are_progress_bars_disabled
+    from tqdm.auto import tqdm
     root = Path(root).expanduser(); root.mkdir(parents=True, exist_ok=True)
-    for n in (names or FIXTURES): write_fixture(n, root, overwrite)
+    was_off = are_progress_bars_disabled()
+    datasets.disable_progress_bars()   # one bar for the mirror, not one per file
+    try:
+        for n in tqdm(list(names or FIXTURES), desc='writing fixtures', unit='dataset', leave=False): write_fixture(n, root, overwrite)
+    finally:
+        if not was_off: datasets.enable_progress_bars()
     return root
 
 def fixture_configs(name:str) -> list:
