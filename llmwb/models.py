@@ -18,7 +18,8 @@ from .core import (ConfigError, DependencyError, LlmwbError, ModelNotFoundError,
 
 # %% auto #0
 __all__ = ['PRESETS', 'ENCODER_ONLY', 'gpt2_tokenizer', 'ModelPreset', 'register_preset', 'ModelSource', 'resolve_model_source',
-           'load_tokenizer', 'LoadedModel', 'load_model']
+           'load_tokenizer', 'LoadedModel', 'load_model', 'MoEInfo', 'moe_info', 'param_counts', 'lora_targets',
+           'memory_estimate', 'recommend']
 
 # %% ../nbs/04_models.ipynb #b5099c69
 def _gpt2_files() -> tuple[Path, Path]:
@@ -182,3 +183,113 @@ def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub 
     used = getattr(model.config, '_attn_implementation', None) or choice.impl
     reason = choice.reason if used == choice.impl else f"requested {choice.impl} ({choice.reason}) but the model uses {used}"
     return LoadedModel(model, tok, src, dev, dt, used, reason, sum(p.numel() for p in model.parameters()))
+
+# %% ../nbs/04_models.ipynb #dbbcf343
+_N_EXPERT_FIELDS = ('num_local_experts', 'num_experts', 'n_routed_experts', 'moe_num_experts')
+_TOPK_FIELDS = ('num_experts_per_tok', 'moe_topk', 'top_k', 'num_selected_experts', 'moe_k')
+
+@dataclass
+class MoEInfo:
+    "What a config says about its experts."
+    n_experts:int      # routed experts per MoE layer (1: a dense model)
+    n_active:int       # routed experts each token uses
+    n_shared:int       # experts every token uses on top
+    fields:dict        # the config fields this was read from
+
+    @property
+    def is_moe(self) -> bool: return self.n_experts > 1
+
+def moe_info(config) -> MoEInfo:
+    "The experts of `config` (a transformers config, or a model): total, active per token, shared."
+    config = getattr(config, 'config', config)
+    cfg = config.get_text_config() if hasattr(config, 'get_text_config') else config
+    d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(vars(cfg))
+    n = next(((f, d[f]) for f in _N_EXPERT_FIELDS if isinstance(d.get(f), int) and d[f] > 1), None)
+    if n is None: return MoEInfo(1, 1, 0, {})
+    k = next(((f, d[f]) for f in _TOPK_FIELDS if isinstance(d.get(f), int) and d[f] > 0), None)
+    if k is None and ('expert_capacity' in d or d.get('model_type') == 'switch_transformers'): k = ('switch routing (top-1)', 1)
+    if k is None: k = ('(no top-k field: assumed 1)', 1)
+    shared = d.get('n_shared_experts') or d.get('num_shared_experts') or (1 if (d.get('shared_expert_intermediate_size') or 0) > 0 else 0)
+    return MoEInfo(n[1], min(k[1], n[1]), int(shared or 0), {n[0]: n[1], k[0]: k[1]})
+
+# %% ../nbs/04_models.ipynb #93f85044
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
+    with torch.device('meta'): return cls.from_config(config)
+
+def param_counts(model_or_config) -> dict:
+    "Total, routed-expert, active-per-token, embedding and matrix (quantizable) parameter counts."
+    m = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    info = moe_info(m.config)
+    emb = {id(p) for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None for p in mod.parameters()}
+    total = expert = embed = matrix = 0
+    for name, p in m.named_parameters():
+        n = p.numel(); total += n
+        if '.experts.' in name or name.endswith('.experts'): expert += n
+        if id(p) in emb: embed += n
+        elif p.dim() >= 2: matrix += n
+    active = total - expert + (expert * info.n_active // info.n_experts if info.is_moe else expert)
+    return dict(total=total, experts=expert, active=active, embeddings=embed, matrices=matrix, n_experts=info.n_experts,
+                n_active_experts=info.n_active, n_shared_experts=info.n_shared)
+
+# %% ../nbs/04_models.ipynb #98d84770
+_FALLBACK_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_attn', 'query_key_value', 'Wqkv', 'qkv_proj', 'q', 'v')
+
+def lora_targets(config) -> list[str]:
+    "The default LoRA target modules of `config`'s architecture (peft's table, else the attention projections)."
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+    return list(M.get(config.model_type, _FALLBACK_TARGETS))
+
+def _lora_params(m, r, targets) -> int:
+    from transformers.pytorch_utils import Conv1D
+    n = 0
+    for name, mod in m.named_modules():
+        if name.split('.')[-1] in targets:
+            if isinstance(mod, torch.nn.Linear): n += r * (mod.in_features + mod.out_features)
+            elif isinstance(mod, Conv1D): n += r * sum(mod.weight.shape)
+    return n
+
+_W_BYTES = {'fp32': 4.0, 'bf16': 2.0, 'int8': 1.0, 'nf4': 0.5}
+
+def memory_estimate(model_or_config,   # a model, or a config (counted on the meta device)
+                    lora_r:int=16,     # LoRA rank
+                    targets=None       # LoRA target modules (None: the architecture's defaults)
+                   ) -> list[dict]:
+    "Memory for weights plus training state, for fp32/bf16/int8/nf4 weights, full fine-tuning and LoRA."
+    m = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    pc = param_counts(m)
+    targets = list(targets) if targets else lora_targets(m.config)
+    n_lora = _lora_params(m, lora_r, targets)
+    rows_per_matrix = sum(p.shape[0] for n, p in m.named_parameters() if p.dim() >= 2) if pc['matrices'] else 0
+    out = []
+    for prec, b in _W_BYTES.items():
+        if prec in ('fp32', 'bf16'): w = pc['total'] * b
+        else:
+            other = pc['total'] - pc['matrices']
+            extra = 4 * rows_per_matrix if prec == 'int8' else pc['matrices'] * (1 / 64 + 4 / (64 * 256))
+            w = pc['matrices'] * b + extra + other * 2
+        if prec in ('fp32', 'bf16'):
+            out.append(dict(precision=prec, method='full', weights=w, state=pc['total'] * (16 - b), total=pc['total'] * 16,
+                            trainable=pc['total']))
+        out.append(dict(precision=prec, method='lora', weights=w, state=n_lora * 16, total=w + n_lora * 16, trainable=n_lora))
+    return out
+
+def recommend(estimates:list[dict],  # from memory_estimate
+              budget_gb:float,       # memory available on one device, GiB
+              headroom:float=0.2     # share kept free for activations
+             ) -> dict:
+    "The most faithful setup whose weights and training state fit in `budget_gb` with `headroom` left."
+    order = [('bf16', 'full'), ('fp32', 'full'), ('bf16', 'lora'), ('int8', 'lora'), ('nf4', 'lora')]
+    by = {(e['precision'], e['method']): e for e in estimates}
+    cap = budget_gb * 2**30 * (1 - headroom)
+    for key in order:
+        e = by[key]
+        if e['total'] <= cap:
+            return dict(precision=e['precision'], method=e['method'], needs_gb=round(e['total'] / 2**30, 3),
+                        reason=f"{e['precision']} {e['method']} needs {e['total'] / 2**30:.2f} GiB of {budget_gb:g} GiB "
+                               f"({headroom:.0%} kept for activations)")
+    least = by[order[-1]]
+    raise ConfigError(f"Even 4-bit QLoRA needs {least['total'] / 2**30:.2f} GiB for weights and training state; the budget is {budget_gb:g} GiB.",
+                      fix="use several devices, a smaller model, or a larger memory budget.")
