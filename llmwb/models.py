@@ -13,13 +13,13 @@ import torch
 import transformers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedModel,
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast)
-from .core import (ConfigError, DependencyError, LlmwbError, ModelNotFoundError, get_device, get_dtype, dtype_name,
+from .core import (ConfigError, DependencyError, DeviceError, LlmwbError, ModelNotFoundError, get_device, get_dtype, dtype_name,
                         hub_reachable, looks_like_path, resolve_attention, set_seed)
 
 # %% auto #0
 __all__ = ['PRESETS', 'ENCODER_ONLY', 'gpt2_tokenizer', 'ModelPreset', 'register_preset', 'ModelSource', 'resolve_model_source',
-           'load_tokenizer', 'LoadedModel', 'load_model', 'MoEInfo', 'moe_info', 'param_counts', 'lora_targets',
-           'memory_estimate', 'recommend']
+           'load_tokenizer', 'LoadedModel', 'quantization_config', 'load_model', 'MoEInfo', 'moe_info', 'param_counts',
+           'lora_targets', 'memory_estimate', 'recommend']
 
 # %% ../nbs/04_models.ipynb #b5099c69
 def _gpt2_files() -> tuple[Path, Path]:
@@ -157,15 +157,48 @@ def _model_class(config):
                           fix="pick a causal LM; encoder-only models (BERT and kin) have no generative head.")
     return getattr(transformers, name, None)
 
+def quantization_config(load_in_4bit:bool=False,   # 4-bit NF4 weights (QLoRA)
+                        load_in_8bit:bool=False,   # 8-bit weights (LLM.int8)
+                        device:str='auto',         # where the model will run
+                        compute_dtype:str='auto',  # 4-bit compute dtype: auto follows the device (bf16 where supported)
+                        double_quant:bool=True,    # also quantize the 4-bit block constants
+                        quant_type:str='nf4'       # 'nf4' or 'fp4'
+                       ):
+    "A `BitsAndBytesConfig` for 4-bit or 8-bit loading, or None; refuses, with the reason, what cannot run here."
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("4-bit and 8-bit loading were both requested.",
+                          fix="pick one: load_in_4bit=True (NF4, least memory, for QLoRA) or load_in_8bit=True.")
+    if not (load_in_4bit or load_in_8bit): return None
+    if quant_type not in ('nf4', 'fp4'): raise ConfigError(f"Unknown 4-bit quant_type {quant_type!r}.", expected="'nf4' or 'fp4'")
+    import importlib.util, importlib.metadata
+    dev = get_device(device)
+    if importlib.util.find_spec('bitsandbytes') is None:
+        raise DependencyError(f"{'4' if load_in_4bit else '8'}-bit loading needs bitsandbytes, which is not installed.",
+                              fix="pip install 'llmwb[gpu]' (or bitsandbytes) on a machine with a CUDA GPU, or load in bf16/fp32.")
+    if dev.type != 'cuda':
+        raise DeviceError(f"Quantized loading runs on CUDA only in llmwb; the device here is {dev.type} "
+                          f"(bitsandbytes {importlib.metadata.version('bitsandbytes')}). It is refused rather than silently loaded unquantized.",
+                          fix="load on a CUDA device, or drop load_in_4bit/load_in_8bit and load in bf16 or fp32.")
+    from transformers import BitsAndBytesConfig
+    if load_in_8bit: return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=get_dtype(compute_dtype, dev))
+
 def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub id
                device:str='auto',             # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
                dtype:str='auto',              # 'auto', 'fp32', 'fp16' or 'bf16'
                attn_implementation:str='auto',  # 'auto', 'flash_attention_2', 'sdpa' or 'eager'
-               seed:int=0                     # seed for a preset's random initialisation
+               seed:int=0,                    # seed for a preset's random initialisation
+               load_in_4bit:bool=False,       # 4-bit NF4 weights through bitsandbytes (CUDA)
+               load_in_8bit:bool=False        # 8-bit weights through bitsandbytes (CUDA)
               ) -> LoadedModel:
     "Load model and tokenizer `name` on `device` in `dtype` with the resolved attention implementation."
     src = resolve_model_source(name)
     dev = get_device(device); dt = get_dtype(dtype, dev)
+    quant = quantization_config(load_in_4bit, load_in_8bit, str(dev))
+    if quant is not None and src.kind == 'preset':
+        raise ConfigError(f"Preset {name!r} is randomly initialised; there are no pretrained weights to quantize.",
+                          fix="save it with save_pretrained and load that folder, or load a pretrained model.")
     if src.kind == 'preset': config = PRESETS[name].make_config()
     else: config = AutoConfig.from_pretrained(src.path, local_files_only=src.offline)
     choice = resolve_attention(attn_implementation, dev, dt, _model_class(config))
@@ -174,9 +207,9 @@ def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub 
         set_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=choice.impl, dtype=dt)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=src.offline, dtype=dt,
-                                                     attn_implementation=choice.impl)
-    model.to(dev)
+        model = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=src.offline, dtype=dt, attn_implementation=choice.impl,
+                                                     **(dict(quantization_config=quant, device_map={'': dev.index or 0}) if quant else {}))
+    if quant is None: model.to(dev)   # a quantized model is placed by from_pretrained
     if model.config.pad_token_id is None: model.config.pad_token_id = tok.pad_token_id
     if getattr(model, 'generation_config', None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -184,7 +217,7 @@ def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub 
     reason = choice.reason if used == choice.impl else f"requested {choice.impl} ({choice.reason}) but the model uses {used}"
     return LoadedModel(model, tok, src, dev, dt, used, reason, sum(p.numel() for p in model.parameters()))
 
-# %% ../nbs/04_models.ipynb #dbbcf343
+# %% ../nbs/04_models.ipynb #bad094b1
 _N_EXPERT_FIELDS = ('num_local_experts', 'num_experts', 'n_routed_experts', 'moe_num_experts')
 _TOPK_FIELDS = ('num_experts_per_tok', 'moe_topk', 'top_k', 'num_selected_experts', 'moe_k')
 
@@ -212,7 +245,7 @@ def moe_info(config) -> MoEInfo:
     shared = d.get('n_shared_experts') or d.get('num_shared_experts') or (1 if (d.get('shared_expert_intermediate_size') or 0) > 0 else 0)
     return MoEInfo(n[1], min(k[1], n[1]), int(shared or 0), {n[0]: n[1], k[0]: k[1]})
 
-# %% ../nbs/04_models.ipynb #93f85044
+# %% ../nbs/04_models.ipynb #98d84770
 def _meta_model(config):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -234,7 +267,7 @@ def param_counts(model_or_config) -> dict:
     return dict(total=total, experts=expert, active=active, embeddings=embed, matrices=matrix, n_experts=info.n_experts,
                 n_active_experts=info.n_active, n_shared_experts=info.n_shared)
 
-# %% ../nbs/04_models.ipynb #98d84770
+# %% ../nbs/04_models.ipynb #d01a3092
 _FALLBACK_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_attn', 'query_key_value', 'Wqkv', 'qkv_proj', 'q', 'v')
 
 def lora_targets(config) -> list[str]:
