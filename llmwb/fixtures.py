@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_fixtures.ipynb #8a0fae3f
 from __future__ import annotations
-import json, os, random, shutil, tempfile
+import functools, json, os, random, shutil, tempfile, zlib
 from pathlib import Path
 
 import datasets
@@ -12,7 +12,7 @@ from datasets import Dataset, Features, Value, ClassLabel, Sequence
 
 from .core import ConfigError
 from .data import make_sample_imdb, _review, _sent_copula, _sent_phrase, _sent_contrast, _sent_neutral
-from .registry import REGISTRY, get_spec, MMLU_SUBJECTS
+from .registry import REGISTRY, get_spec
 
 # %% auto #0
 __all__ = ['S', 'I', 'FIXTURES', 'write_fixture', 'write_fixture_mirror', 'fixture_configs']
@@ -82,7 +82,7 @@ def _glue():
         splits = ['train', 'validation_matched', 'validation_mismatched', 'test_matched', 'test_mismatched'] if cfg == 'mnli' else ['train', 'validation', 'test']
         sizes = {'train': 2000, 'validation': 300, 'test': 50} if cfg == 'sst2' else {}
         out[cfg] = {f'{cfg}/{sp}-00000-of-00001.parquet': _ds(_gen(sizes.get(sp, 24 if sp == 'train' else 8),
-                                                                   lambda i, r, sp=sp, cfg=cfg: _glue_row(cfg, i, r, sp), hash((cfg, sp)) % 1000), f)
+                                                                   lambda i, r, sp=sp, cfg=cfg: _glue_row(cfg, i, r, sp), zlib.crc32(f'{cfg}/{sp}'.encode())), f)
                     for sp in splits}
     return out
 
@@ -252,7 +252,8 @@ def _owm():
 def _wikitext():
     def rows(n, seed):
         out = []
-        for i, r in enumerate(_gen(n, lambda i, r: r, seed)):
+        r = random.Random(seed)
+        for _ in range(n):
             out += [{'text': ''}, {'text': f' = {r.choice(_CITY_TITLES)} = \n'}, {'text': ''}, {'text': ' ' + ' '.join(_sent_neutral(r) for _ in range(3)) + ' \n'}]
         return out
     return {cfg: {f'{cfg}/{sp}-00000-of-00001.parquet': _ds(rows(n, k), {'text': S}) for k, (sp, n) in enumerate([('train', 20), ('validation', 5), ('test', 5)])}
@@ -283,6 +284,11 @@ def _write_file(ds:Dataset, path:Path):
     elif path.suffix == '.csv': ds.to_csv(str(path), index=False)
     else: ds.to_json(str(path))
 
+@functools.cache
+def _fixture_files(name:str) -> dict:
+    "The generated files of fixture `name`, made once per process (writing and listing configs share them)."
+    return FIXTURES[name]()
+
 def write_fixture(name:str,              # a catalogue name with a fixture
                   root:str|Path,         # the mirror's root folder
                   overwrite:bool=False   # rewrite it when it is already there
@@ -293,7 +299,7 @@ def write_fixture(name:str,              # a catalogue name with a fixture
     spec = REGISTRY[name]
     dest = Path(root).expanduser()/spec.hf_id
     if dest.exists() and not overwrite: return dest
-    files = FIXTURES[name]()
+    files = _fixture_files(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', dir=dest.parent))
     try:
@@ -326,4 +332,4 @@ def write_fixture_mirror(root:str|Path,       # the mirror's root folder (create
 
 def fixture_configs(name:str) -> list:
     "The configs the fixture of `name` holds, as `load_task` takes them ([None] when the dataset has none)."
-    return [c for c in FIXTURES[name]() if c not in (None, 'default')] or [None]
+    return [c for c in _fixture_files(name) if c not in (None, 'default')] or [None]

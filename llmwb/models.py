@@ -252,11 +252,15 @@ def _meta_model(config):
     cls = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
     with torch.device('meta'): return cls.from_config(config)
 
+def _embedding_ids(m) -> set:
+    "ids of the input and output embedding parameters (bitsandbytes leaves them unquantized)."
+    return {id(p) for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None for p in mod.parameters()}
+
 def param_counts(model_or_config) -> dict:
     "Total, routed-expert, active-per-token, embedding and matrix (quantizable) parameter counts."
     m = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
     info = moe_info(m.config)
-    emb = {id(p) for mod in (m.get_input_embeddings(), m.get_output_embeddings()) if mod is not None for p in mod.parameters()}
+    emb = _embedding_ids(m)
     total = expert = embed = matrix = 0
     for name, p in m.named_parameters():
         n = p.numel(); total += n
@@ -295,7 +299,8 @@ def memory_estimate(model_or_config,   # a model, or a config (counted on the me
     pc = param_counts(m)
     targets = list(targets) if targets else lora_targets(m.config)
     n_lora = _lora_params(m, lora_r, targets)
-    rows_per_matrix = sum(p.shape[0] for n, p in m.named_parameters() if p.dim() >= 2) if pc['matrices'] else 0
+    emb = _embedding_ids(m)
+    rows_per_matrix = sum(p.shape[0] for p in m.parameters() if p.dim() >= 2 and id(p) not in emb)   # one 8-bit scale per row
     out = []
     for prec, b in _W_BYTES.items():
         if prec in ('fp32', 'bf16'): w = pc['total'] * b

@@ -5,7 +5,7 @@
 # %% ../nbs/01a_registry.ipynb #23fe3c58
 from __future__ import annotations
 import ast, difflib, json, re, string
-from dataclasses import dataclass, field, replace, fields as dc_fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +13,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, looks_like_path
-from .data import load_raw_dataset, make_sample_imdb, mirror_path, _DATA_SUFFIXES
+from .data import load_raw_dataset, make_sample_imdb, _DATA_SUFFIXES
 
 # %% auto #0
 __all__ = ['TASK_TYPES', 'MODES', 'LETTERS', 'REGISTRY', 'MMLU_SUBJECTS', 'MATH_MODULES', 'MODE_COLUMNS',
@@ -203,8 +203,6 @@ def get_spec(name:str,              # a registry name, an alias, or a hub id of 
     return REGISTRY[key].resolve(config)
 
 # %% ../nbs/01a_registry.ipynb #81ed09e7
-_NUM = r'-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+'
-
 def gsm8k_answer(solution:str) -> str:
     "The final answer of a GSM8K solution: what follows `####`, without thousands separators."
     s = str(solution).split('####')[-1].strip()
@@ -389,9 +387,8 @@ _BUILTIN = [
                 configs=('wikitext-2-raw-v1', 'wikitext-103-raw-v1', 'wikitext-2-v1', 'wikitext-103-v1'),
                 default_config='wikitext-2-raw-v1', eval_split='validation', notes="blank lines are dropped"),
 ]
-_BUILTIN_ALIASES = {'imdb': ['stanford-imdb'], 'glue': ['glue'], 'wikitext': ['wikitext'], 'gsm8k': ['grade-school-math'],
-                    'mmlu_pro': ['mmlu-pro'], 'bookcorpus': [], 'twitter_financial_sentiment': ['twitter_financial_news_sentiment'],
-                    'financial_phrasebank': ['phrasebank', 'fpb'], 'financial_qa_10k': ['financial-qa-10k']}
+_BUILTIN_ALIASES = {'imdb': ['stanford-imdb'], 'gsm8k': ['grade-school-math'], 'twitter_financial_sentiment': ['twitter_financial_news_sentiment'],
+                    'financial_phrasebank': ['phrasebank', 'fpb']}   # beyond the name, the hub id and its last part
 for _s in _BUILTIN: register_dataset(_s, aliases=_BUILTIN_ALIASES.get(_s.name, ()))
 
 def list_datasets() -> list[dict]:
@@ -499,12 +496,17 @@ def resolve_dataset(name:str, config:str|None=None, data_dir=None) -> tuple[Data
     if _norm(s) in _ALIASES: return get_spec(s, config), None
     p = Path(s).expanduser()
     if p.exists() or looks_like_path(s, _DATA_SUFFIXES) or '/' in s:
-        raw = load_raw_dataset(s, config=config, data_dir=data_dir, streaming=False) if (p.exists() or '/' in s) else load_raw_dataset(s)
+        raw = load_raw_dataset(s, config=config, data_dir=data_dir)
         spec = detect_task(next(iter(raw.values())), s)
         tr = next((c for c in ('train', 'training') if c in raw), next(iter(raw)))
         ev = next((c for c in ('validation', 'valid', 'dev', 'test', 'eval') if c in raw and c != tr), None)
         return replace(spec, train_split=tr, eval_split=ev), raw
     return get_spec(s, config), None   # an unknown bare name: suggests registered ones
+
+def _hold_out(ds:Dataset, n:int, seed:int) -> tuple[Dataset, Dataset]:
+    "A seeded split of `ds` into the rest and `n` held-out rows."
+    parts = ds.train_test_split(test_size=n, seed=seed)
+    return parts['train'], parts['test']
 
 def _pick_split(want, have, what, spec):
     cands = [want] if isinstance(want, str) else list(want)
@@ -539,22 +541,18 @@ def load_task(name:str,                      # catalogue name, hub id, local pat
         tr_name = tr_want if isinstance(tr_want, str) else tr_want[0]
         n_ev = max_eval or max(1, n_tr // 10)
         if ev_want is None:
-            parts = raw_split(tr_name, n_tr + n_ev, True)
-            parts = parts.train_test_split(test_size=min(n_ev, max(1, int(round(len(parts) * holdout)))), seed=seed)
-            raw_tr, raw_ev = parts['train'], parts['test']
+            rows = raw_split(tr_name, n_tr + n_ev, True)
+            raw_tr, raw_ev = _hold_out(rows, min(n_ev, max(1, int(round(len(rows) * holdout)))), seed)
             notes.append(f"{len(raw_ev)} streamed rows of {tr_name!r} are held out")
         else: raw_tr, raw_ev = raw_split(tr_name, n_tr, True), raw_split(ev_want if isinstance(ev_want, str) else ev_want[0], n_ev, True)
     else:
-        if raw is None:
-            raw = raw_split(None, None, False)
-            if isinstance(raw, Dataset): raw = DatasetDict({'train': raw})
+        if raw is None: raw = raw_split(None, None, False)
         tr_name = _pick_split(tr_want, list(raw), 'train', spec)
         raw_tr = raw[tr_name]
         if ev_want is None:
             if len(raw_tr) < 2: raise EmptyDatasetError(f"{spec.key} has {len(raw_tr)} training row(s): too few to hold any out.",
                                                         fix="add rows, or give a held-out split.")
-            parts = raw_tr.train_test_split(test_size=max(1, int(round(len(raw_tr) * holdout))), seed=seed)
-            raw_tr, raw_ev = parts['train'], parts['test']
+            raw_tr, raw_ev = _hold_out(raw_tr, max(1, int(round(len(raw_tr) * holdout))), seed)
             notes.append(f"{holdout:.0%} of {tr_name!r} is held out (seed {seed})")
         else: raw_ev = raw[_pick_split(ev_want, list(raw), 'eval', spec)]
         if max_train and len(raw_tr) > max_train: raw_tr = raw_tr.shuffle(seed=seed).select(range(max_train))

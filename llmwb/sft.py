@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from .core import (JobConfig, ConfigError, DatasetError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
+from .core import (JobConfig, ConfigError, LlmwbError, DatasetError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
                         dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS)
 from .registry import load_task, get_spec
 from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
@@ -89,10 +89,10 @@ class SFTJob(JobConfig):
         def one(name, cfg):
             if name == 'sample-imdb': return name
             try: return get_spec(name, cfg or None).short_name()
-            except Exception: return Path(name).stem if Path(name).suffix else name.rstrip('/').split('/')[-1]
+            except LlmwbError: return Path(name).stem if Path(name).suffix else name.rstrip('/').split('/')[-1]
         if self.datasets:
             try: return mixture_name([get_spec(n, c) for n, c in zip(self.datasets, self.configs)], self.rates)
-            except Exception: return 'mix_' + '_'.join(f"{one(n, c)}-{round(r * 100)}" for n, c, r in zip(self.datasets, self.configs, self.rates))
+            except LlmwbError: return 'mix_' + '_'.join(f"{one(n, c)}-{round(r * 100)}" for n, c, r in zip(self.datasets, self.configs, self.rates))
         return one(self.dataset, self.dataset_config)
 
 # %% ../nbs/07_sft.ipynb #5f21893f
