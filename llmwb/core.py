@@ -15,9 +15,9 @@ import torch
 # %% auto #0
 __all__ = ['ATTN_IMPLS', 'LlmwbError', 'ConfigError', 'DeviceError', 'DependencyError', 'ModelNotFoundError', 'DatasetError',
            'DatasetNotFoundError', 'EmptyDatasetError', 'available_devices', 'get_device', 'get_dtype', 'dtype_name',
-           'AttentionChoice', 'flash_attn_available', 'resolve_attention', 'set_seed', 'hub_reachable',
-           'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify', 'free_run_dir', 'make_run_dir',
-           'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'plot_metrics']
+           'Launch', 'launch_info', 'check_launch', 'AttentionChoice', 'flash_attn_available', 'resolve_attention',
+           'set_seed', 'hub_reachable', 'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify',
+           'free_run_dir', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
 class LlmwbError(Exception):
@@ -100,6 +100,50 @@ def dtype_name(dtype:torch.dtype) -> str:
     return {torch.float32:'fp32', torch.float16:'fp16', torch.bfloat16:'bf16'}.get(dtype, str(dtype).replace('torch.',''))
 
 # %% ../nbs/00_core.ipynb #8b05bf3f
+@dataclass
+class Launch:
+    "This process's place in a launch: rank among world_size processes (one process: rank 0 of 1)."
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    @property
+    def is_main(self) -> bool: return self.rank == 0
+    @property
+    def distributed(self) -> bool: return self.world_size > 1
+
+def launch_info(env:dict|None=None) -> Launch:
+    "The launch this process belongs to, from torchrun's (and accelerate's) environment variables."
+    env = os.environ if env is None else env
+    return Launch(int(env.get('RANK', 0)), int(env.get('LOCAL_RANK', 0)), int(env.get('WORLD_SIZE', 1)))
+
+def check_launch(device:torch.device,      # the device the job asked for, resolved
+                 launch:Launch|None=None,   # this process's launch (None: read the environment)
+                 multi_gpu:bool=False,      # one process per CUDA device was asked for
+                 n_cuda:int|None=None       # CUDA devices visible (None: ask torch)
+                ) -> torch.device:
+    "The device this process trains on; refuses multi_gpu without several GPUs and MPS with several processes."
+    launch = launch or launch_info()
+    n_cuda = torch.cuda.device_count() if n_cuda is None else n_cuda
+    if multi_gpu and n_cuda < 2:
+        raise DeviceError(f"--multi_gpu asks for one process per CUDA device, but this machine has {n_cuda} CUDA device(s).",
+                          fix="drop --multi_gpu to train on one device; for several CPU processes use "
+                              "torchrun --nproc_per_node N -m llmwb.runs sft ... --device cpu.")
+    if launch.distributed and device.type == 'mps':
+        raise DeviceError(f"MPS was asked for with {launch.world_size} processes; PyTorch has no collective backend for Apple "
+                          "GPUs, so the processes could not share gradients.",
+                          fix="run one process on MPS (no torchrun), or several on the CPU with device='cpu' (gloo).")
+    if multi_gpu and not launch.distributed:
+        raise ConfigError("multi_gpu needs one process per GPU, and this is a single process.",
+                          fix="start it with `llmwb sft --multi_gpu ...`, which launches torchrun for you, or with "
+                              "torchrun --nproc_per_node N -m llmwb.runs sft ....")
+    if device.type == 'cuda' and launch.distributed:
+        if launch.local_rank >= n_cuda:
+            raise DeviceError(f"Process {launch.local_rank} on this node has no GPU of its own: {n_cuda} CUDA device(s) are visible.",
+                              fix=f"launch at most {n_cuda} processes per node.")
+        return torch.device('cuda', launch.local_rank)
+    return device
+
+# %% ../nbs/00_core.ipynb #4876b3cc
 class AttentionChoice(NamedTuple):
     "The attention implementation chosen and why."
     impl: str
@@ -147,7 +191,7 @@ def resolve_attention(requested:str='auto',            # 'auto', 'flash_attentio
            'FlashAttention needs CUDA' if dev.type != 'cuda' else f'FlashAttention needs fp16/bf16, not {dtype_name(dtype)}')
     return AttentionChoice('sdpa', f'{why}; sdpa is the fused PyTorch kernel')
 
-# %% ../nbs/00_core.ipynb #0b596b06
+# %% ../nbs/00_core.ipynb #97920408
 def set_seed(seed:int,                # the seed for python, numpy and torch (all devices)
              deterministic:bool=False  # also ask torch for deterministic kernels
             ):
@@ -158,7 +202,7 @@ def set_seed(seed:int,                # the seed for python, numpy and torch (al
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-# %% ../nbs/00_core.ipynb #97920408
+# %% ../nbs/00_core.ipynb #e84fda3e
 _HUB_CACHE = {}
 
 def hub_reachable(timeout:float=3.0) -> bool:
@@ -174,7 +218,7 @@ def hub_reachable(timeout:float=3.0) -> bool:
         _HUB_CACHE[key] = ok
     return _HUB_CACHE[key]
 
-# %% ../nbs/00_core.ipynb #e84fda3e
+# %% ../nbs/00_core.ipynb #8694dc09
 def looks_like_path(s:str,           # a model or dataset name
                     suffixes=()       # file suffixes that mark a path (e.g. '.jsonl')
                    ) -> bool:
@@ -182,7 +226,7 @@ def looks_like_path(s:str,           # a model or dataset name
     return (s.startswith(('/', './', '../', '~', '.\\', '..\\')) or s.count('/') > 1
             or Path(s).suffix.lower() in set(suffixes))
 
-# %% ../nbs/00_core.ipynb #8694dc09
+# %% ../nbs/00_core.ipynb #51a6ae35
 def _umask() -> int:
     um = os.umask(0o022); os.umask(um)
     return um
@@ -204,7 +248,7 @@ def atomic_write(path:str|Path,    # the file to (re)write
         raise
     return path
 
-# %% ../nbs/00_core.ipynb #51a6ae35
+# %% ../nbs/00_core.ipynb #d4a6722e
 def project_root(start:str|Path=None) -> Path|None:
     "The nearest folder at or above `start` (default: cwd) holding llmwb's settings.ini, or None."
     p = Path(start or os.getcwd()).resolve()
@@ -248,7 +292,7 @@ def make_run_dir(name:str,           # readable name, e.g. from `JobConfig.run_n
         try: p.mkdir(); return p
         except FileExistsError: continue
 
-# %% ../nbs/00_core.ipynb #d4a6722e
+# %% ../nbs/00_core.ipynb #593908af
 def _fmt_num(v):
     if isinstance(v, float): return f'{v:g}'
     return str(v)
@@ -329,6 +373,10 @@ class JobConfig:
         "A readable run-folder name from the key fields; subclasses override."
         return type(self).__name__.lower()
 
+    def continues_run(self) -> Path|None:
+        "The existing run folder this job continues (a resumed run), or None for a new run; jobs that resume override."
+        return None
+
     def to_text(self) -> str:
         "The config as aligned `name = value` lines."
         d = self.to_dict(); w = max(map(len, d))
@@ -348,7 +396,7 @@ class JobConfig:
         d = json.loads(p.read_text()); d.pop('job', None)
         return cls.from_dict(d, strict=False)
 
-# %% ../nbs/00_core.ipynb #3b6e3a6a
+# %% ../nbs/00_core.ipynb #420f70a2
 class MetricsLog:
     "Per-step metrics to `metrics.jsonl`, final figures to `metrics.json`, both in a run folder."
     def __init__(self, run_dir:str|Path):
@@ -366,7 +414,7 @@ class MetricsLog:
         "Write `metrics.json` with the final figures."
         return atomic_write(self.run_dir/'metrics.json', json.dumps(metrics, indent=2, default=str))
 
-# %% ../nbs/00_core.ipynb #420f70a2
+# %% ../nbs/00_core.ipynb #e50a0ce4
 def start_run(job:JobConfig,       # the validated job config
               run_dir:str|Path=''   # a chosen folder (must be new or empty); '' makes runs/<timestamp>_<name>/
              ) -> Path:
@@ -391,7 +439,7 @@ class RunResult:
     tokenizer: Any = field(default=None, repr=False)
     def __getitem__(self, k): return self.metrics[k]
 
-# %% ../nbs/00_core.ipynb #e50a0ce4
+# %% ../nbs/00_core.ipynb #7e1fff1b
 def plot_metrics(records:list[dict],   # lines from `MetricsLog.read()`
                  keys:list[str],        # metrics to draw, one panel each
                  path:str|Path=None,    # where to save the PNG (optional)

@@ -173,12 +173,13 @@ def default_new_tokens(spec:DatasetSpec, tokenizer) -> int:
 
 @torch.no_grad()
 def generate_batched(model, tokenizer, prompts:list[str], max_new_tokens:int, batch_size:int=64, desc:str='generating') -> list[str]:
-    "Greedy continuations of `prompts`, left-padded in batches; prompts too long for the model keep their end."
+    "Greedy continuations of `prompts` in batches (left-padded for causal LMs); prompts too long for the model keep their end."
     device, was_training = next(model.parameters()).device, model.training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None: pad_id = 0
+    s2s = bool(getattr(model.config, 'is_encoder_decoder', False))   # the encoder reads the prompt; the decoder writes alone
     max_len = _max_positions(model)
-    max_prompt = max_len - max_new_tokens if max_len else None
+    max_prompt = (max_len if s2s else max_len - max_new_tokens) if max_len else None
     if max_prompt is not None and max_prompt < 1:
         raise DatasetError(f"The model holds {max_len} positions, too few to generate {max_new_tokens} tokens after a prompt.",
                            fix="lower eval_max_new_tokens.")
@@ -189,11 +190,12 @@ def generate_batched(model, tokenizer, prompts:list[str], max_new_tokens:int, ba
             ids = tokenizer(prompts[b:b+batch_size])['input_ids']
             if max_prompt: ids = [x[-max_prompt:] for x in ids]    # keep the end: the input's tail and the answer cue
             L = max(len(x) for x in ids)
-            input_ids = torch.tensor([[pad_id]*(L-len(x)) + x for x in ids], device=device)
-            attn = torch.tensor([[0]*(L-len(x)) + [1]*len(x) for x in ids], device=device)
+            pads = [[pad_id]*(L-len(x)) for x in ids]
+            input_ids = torch.tensor([x + p if s2s else p + x for x, p in zip(ids, pads)], device=device)
+            attn = torch.tensor([[1]*len(x) + [0]*len(p) if s2s else [0]*len(p) + [1]*len(x) for x, p in zip(ids, pads)], device=device)
             out = model.generate(input_ids=input_ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=pad_id)
-            gens += tokenizer.batch_decode(out[:, L:], skip_special_tokens=True)
+            gens += tokenizer.batch_decode(out if s2s else out[:, L:], skip_special_tokens=True)
     finally: model.train(was_training)
     return gens
 

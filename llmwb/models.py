@@ -11,15 +11,16 @@ from typing import Callable
 
 import torch
 import transformers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, PreTrainedModel,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, GPT2Config,
+                          PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, T5Config)
 from .core import (ConfigError, DependencyError, DeviceError, LlmwbError, ModelNotFoundError, get_device, get_dtype, dtype_name,
                         hub_reachable, looks_like_path, resolve_attention, set_seed)
 
 # %% auto #0
 __all__ = ['PRESETS', 'ENCODER_ONLY', 'gpt2_tokenizer', 'ModelPreset', 'register_preset', 'ModelSource', 'resolve_model_source',
-           'load_tokenizer', 'LoadedModel', 'quantization_config', 'load_model', 'MoEInfo', 'moe_info', 'param_counts',
-           'lora_targets', 'memory_estimate', 'recommend']
+           'load_tokenizer', 'LoadedModel', 'quantization_config', 'load_config', 'load_model', 'MoEInfo', 'moe_info',
+           'param_counts', 'lora_targets', 'memory_estimate', 'recommend', 'add_lora', 'trainable_summary',
+           'merge_lora']
 
 # %% ../nbs/04_models.ipynb #b5099c69
 def _gpt2_files() -> tuple[Path, Path]:
@@ -70,7 +71,23 @@ register_preset(ModelPreset(
                        bos_token_id=50256, eos_token_id=50256),
     lambda: gpt2_tokenizer(model_max_length=512)))
 
-# %% ../nbs/04_models.ipynb #e355ef27
+# %% ../nbs/04_models.ipynb #e9bcbc8e
+_EOT = 50256
+register_preset(ModelPreset(
+    'tiny-t5', 'T5 v1.1 architecture (encoder-decoder, gated GELU, untied head), 2+2 layers, 4 heads, d=128, random init; GPT-2 BPE tokenizer (offline)',
+    lambda: T5Config(vocab_size=50257, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     feed_forward_proj='gated-gelu', tie_word_embeddings=False, pad_token_id=_EOT, eos_token_id=_EOT, bos_token_id=_EOT,
+                     decoder_start_token_id=_EOT),
+    lambda: gpt2_tokenizer(model_max_length=512)))
+register_preset(ModelPreset(
+    'tiny-bart', 'BART architecture (encoder-decoder), 2+2 layers, 4 heads, d=128, random init; GPT-2 BPE tokenizer (offline)',
+    lambda: BartConfig(vocab_size=50257, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=512,
+                       pad_token_id=_EOT, bos_token_id=_EOT, eos_token_id=_EOT, decoder_start_token_id=_EOT,
+                       forced_bos_token_id=None, forced_eos_token_id=_EOT),
+    lambda: gpt2_tokenizer(model_max_length=512)))
+
+# %% ../nbs/04_models.ipynb #328f615f
 def _hub_cached(repo_id:str) -> bool:
     from huggingface_hub import try_to_load_from_cache
     try: r = try_to_load_from_cache(repo_id, 'config.json')
@@ -109,7 +126,7 @@ def resolve_model_source(name:str # preset name, local folder or hub id
         expected=f"an offline preset ({presets}), a local folder saved with save_pretrained(), or a hub id that is cached",
         fix=f"use model='tiny-gpt2', or download {name!r} on a connected machine and pass its folder as model=/path/to/folder.")
 
-# %% ../nbs/04_models.ipynb #89049b7b
+# %% ../nbs/04_models.ipynb #bfa8d29c
 def load_tokenizer(name:str # preset name, local folder or hub id
                   ) -> PreTrainedTokenizerBase:
     "The tokenizer for model `name`, with a pad token (eos when it has none)."
@@ -135,27 +152,36 @@ class LoadedModel:
     attn_reason: str
     n_params: int
 
+    @property
+    def is_seq2seq(self) -> bool:
+        "An encoder-decoder (T5, BART): it trains on input -> target pairs, not on one continued sequence."
+        return bool(getattr(self.model.config, 'is_encoder_decoder', False))
+
     def summary(self) -> dict:
         "The facts a run records about its model."
-        return {'model': self.source.name, 'source': self.source.kind, 'device': str(self.device),
-                'dtype': dtype_name(self.dtype), 'attn_implementation': self.attn_implementation,
+        return {'model': self.source.name, 'source': self.source.kind, 'architecture': 'seq2seq' if self.is_seq2seq else 'causal',
+                'device': str(self.device), 'dtype': dtype_name(self.dtype), 'attn_implementation': self.attn_implementation,
                 'attn_reason': self.attn_reason, 'n_params': self.n_params}
 
 ENCODER_ONLY = {'bert', 'roberta', 'deberta', 'deberta-v2', 'distilbert', 'electra', 'albert', 'xlm-roberta',
                 'xlm-roberta-xl', 'camembert', 'mpnet', 'modernbert', 'ernie', 'rembert', 'roformer', 'megatron-bert'}
 
+_GENERATIVE = "a decoder-only model (GPT-2, Llama, Qwen, Mistral, ...) or an encoder-decoder (T5, BART)"
+
 def _model_class(config):
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    "The transformers class (and its Auto loader) that trains `config` to generate: causal LM first, then seq2seq."
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
     if config.model_type in ENCODER_ONLY and not getattr(config, 'is_decoder', False):
-        raise ConfigError(f"{config.model_type!r} is an encoder-only model; it reads text bidirectionally and has no generative head to train.",
-                          expected="a decoder-only model (GPT-2, Llama, Qwen, Mistral, ...)",
-                          fix="pick a causal LM for SFT; use encoders for classification or embeddings instead.")
+        raise ConfigError(f"{config.model_type!r} is an encoder-only model: it reads the whole text at once and has no head "
+                          "that writes text token by token, so there is nothing generative to train.",
+                          expected=_GENERATIVE, fix="pick a causal LM or a T5/BART model for SFT; use encoders for classification or embeddings.")
+    if getattr(config, 'is_encoder_decoder', False) and config.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return getattr(transformers, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES[config.model_type], None), AutoModelForSeq2SeqLM
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
     if name is None:
-        raise ConfigError(f"{config.model_type!r} models cannot be trained to generate text with a causal LM head.",
-                          expected="a decoder-only model (GPT-2, Llama, Qwen, Mistral, ...)",
-                          fix="pick a causal LM; encoder-only models (BERT and kin) have no generative head.")
-    return getattr(transformers, name, None)
+        raise ConfigError(f"{config.model_type!r} models have neither a causal LM nor a seq2seq head in transformers {transformers.__version__}.",
+                          expected=_GENERATIVE, fix="pick a model with a generative head.")
+    return getattr(transformers, name, None), AutoModelForCausalLM
 
 def quantization_config(load_in_4bit:bool=False,   # 4-bit NF4 weights (QLoRA)
                         load_in_8bit:bool=False,   # 8-bit weights (LLM.int8)
@@ -184,6 +210,13 @@ def quantization_config(load_in_4bit:bool=False,   # 4-bit NF4 weights (QLoRA)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=get_dtype(compute_dtype, dev))
 
+def load_config(name:str # preset name, local folder or hub id
+               ):
+    "The transformers config of model `name`, without loading weights."
+    src = resolve_model_source(name)
+    if src.kind == 'preset': return PRESETS[name].make_config()
+    return AutoConfig.from_pretrained(src.path, local_files_only=src.offline)
+
 def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub id
                device:str='auto',             # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
                dtype:str='auto',              # 'auto', 'fp32', 'fp16' or 'bf16'
@@ -199,15 +232,15 @@ def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub 
     if quant is not None and src.kind == 'preset':
         raise ConfigError(f"Preset {name!r} is randomly initialised; there are no pretrained weights to quantize.",
                           fix="save it with save_pretrained and load that folder, or load a pretrained model.")
-    if src.kind == 'preset': config = PRESETS[name].make_config()
-    else: config = AutoConfig.from_pretrained(src.path, local_files_only=src.offline)
-    choice = resolve_attention(attn_implementation, dev, dt, _model_class(config))
+    config = load_config(name)
+    cls, auto = _model_class(config)
+    choice = resolve_attention(attn_implementation, dev, dt, cls)
     tok = load_tokenizer(name)
     if src.kind == 'preset':
         set_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=choice.impl, dtype=dt)
+        model = auto.from_config(config, attn_implementation=choice.impl, dtype=dt)
     else:
-        model = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=src.offline, dtype=dt, attn_implementation=choice.impl,
+        model = auto.from_pretrained(src.path, local_files_only=src.offline, dtype=dt, attn_implementation=choice.impl,
                                                      **(dict(quantization_config=quant, device_map={'': dev.index or 0}) if quant else {}))
     if quant is None: model.to(dev)   # a quantized model is placed by from_pretrained
     if model.config.pad_token_id is None: model.config.pad_token_id = tok.pad_token_id
@@ -217,7 +250,7 @@ def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub 
     reason = choice.reason if used == choice.impl else f"requested {choice.impl} ({choice.reason}) but the model uses {used}"
     return LoadedModel(model, tok, src, dev, dt, used, reason, sum(p.numel() for p in model.parameters()))
 
-# %% ../nbs/04_models.ipynb #bad094b1
+# %% ../nbs/04_models.ipynb #0e0b921f
 _N_EXPERT_FIELDS = ('num_local_experts', 'num_experts', 'n_routed_experts', 'moe_num_experts')
 _TOPK_FIELDS = ('num_experts_per_tok', 'moe_topk', 'top_k', 'num_selected_experts', 'moe_k')
 
@@ -245,7 +278,7 @@ def moe_info(config) -> MoEInfo:
     shared = d.get('n_shared_experts') or d.get('num_shared_experts') or (1 if (d.get('shared_expert_intermediate_size') or 0) > 0 else 0)
     return MoEInfo(n[1], min(k[1], n[1]), int(shared or 0), {n[0]: n[1], k[0]: k[1]})
 
-# %% ../nbs/04_models.ipynb #98d84770
+# %% ../nbs/04_models.ipynb #1d0038e0
 def _meta_model(config):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -271,7 +304,7 @@ def param_counts(model_or_config) -> dict:
     return dict(total=total, experts=expert, active=active, embeddings=embed, matrices=matrix, n_experts=info.n_experts,
                 n_active_experts=info.n_active, n_shared_experts=info.n_shared)
 
-# %% ../nbs/04_models.ipynb #d01a3092
+# %% ../nbs/04_models.ipynb #674e250d
 _FALLBACK_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_attn', 'query_key_value', 'Wqkv', 'qkv_proj', 'q', 'v')
 
 def lora_targets(config) -> list[str]:
@@ -331,3 +364,57 @@ def recommend(estimates:list[dict],  # from memory_estimate
     least = by[order[-1]]
     raise ConfigError(f"Even 4-bit QLoRA needs {least['total'] / 2**30:.2f} GiB for weights and training state; the budget is {budget_gb:g} GiB.",
                       fix="use several devices, a smaller model, or a larger memory budget.")
+
+# %% ../nbs/04_models.ipynb #d41da80f
+def _linear_modules(model) -> dict:
+    "Name -> module of every linear layer (Linear, GPT-2's Conv1D, bitsandbytes' layers) except the output head."
+    from transformers.pytorch_utils import Conv1D
+    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head}
+
+def _is_quantized(model) -> bool: return bool(getattr(model, 'is_loaded_in_4bit', False) or getattr(model, 'is_loaded_in_8bit', False))
+
+def add_lora(model:PreTrainedModel,   # a transformers model (causal LM or seq2seq), possibly loaded in 4/8 bits
+             r:int=16,                # adapter rank
+             alpha:float=32,          # scaling: the update is (alpha / r) * B @ A
+             dropout:float=0.05,      # dropout on the adapter's input
+             targets=None             # module names to adapt (None: the architecture's defaults)
+            ):
+    "`model` wrapped by peft with LoRA adapters on `targets`; only the adapters train."
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from transformers.pytorch_utils import Conv1D
+    if r < 1: raise ConfigError(f"lora_r must be >= 1, got {r}.")
+    if not 0 <= dropout < 1: raise ConfigError(f"lora_dropout must be in [0, 1), got {dropout}.")
+    default = not targets
+    targets = lora_targets(model.config) if default else [targets] if isinstance(targets, str) else list(targets)
+    lin = _linear_modules(model)
+    hits = {t: [n for n in lin if n == t or n.endswith('.' + t)] for t in targets}
+    missing = [t for t, h in hits.items() if not h]
+    if missing and (not default or len(missing) == len(targets)):
+        names = sorted({n.split('.')[-1] for n in lin})
+        raise ConfigError(f"LoRA target module(s) {', '.join(missing)} match no linear layer of this {model.config.model_type} model.",
+                          expected=f"names of its linear layers: {', '.join(names)}",
+                          fix=f"set lora_target_modules to some of those (e.g. {','.join(names[:2])}), or leave it empty for the "
+                              "architecture's defaults.")
+    targets = [t for t in targets if hits[t]]
+    if _is_quantized(model): model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    conv1d = any(isinstance(lin[n], Conv1D) for t in targets for n in hits[t])
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, fan_in_fan_out=conv1d,
+                     task_type=TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM)
+    return get_peft_model(model, cfg)
+
+def trainable_summary(model) -> dict:
+    "Trainable and total parameters and the trainable share (4-bit weights counted at their full size)."
+    if hasattr(model, 'get_nb_trainable_parameters'): trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(trainable_params=int(trainable), total_params=int(total), trainable_pct=round(100 * trainable / max(total, 1), 4))
+
+def merge_lora(model) -> PreTrainedModel:
+    "The base model with the LoRA adapters folded into its weights (a plain transformers model); other models unchanged."
+    if not hasattr(model, 'merge_and_unload'): return model
+    if _is_quantized(model.get_base_model()):
+        raise ConfigError("Adapters trained on 4/8-bit weights are not merged into the quantized weights (it would round them away).",
+                          fix="load the base in bf16 and merge there: PeftModel.from_pretrained(base, '<run>/adapter').merge_and_unload().")
+    return model.merge_and_unload()

@@ -4,13 +4,13 @@
 
 # %% ../nbs/11_runs.ipynb #2491442d
 from __future__ import annotations
-import os, sys, json, shutil, argparse, importlib, typing
+import os, sys, json, shutil, argparse, importlib, typing, subprocess
 from dataclasses import dataclass, fields, MISSING
 from pathlib import Path
 from .core import LlmwbError, ConfigError, free_run_dir, project_root
 
 # %% auto #0
-__all__ = ['JOBS', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook', 'main']
+__all__ = ['JOBS', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook', 'multi_gpu_command', 'main']
 
 # %% ../nbs/11_runs.ipynb #313d5783
 @dataclass
@@ -64,22 +64,27 @@ def run_job_notebook(job:str,              # job name, notebook name or notebook
     params = dict(params or {})
     cls, _ = spec.load()
     cfg = cls.from_dict(params)  # unknown names and bad values fail here, before anything is created
-    run_dir = Path(params['run_dir']) if params.get('run_dir') else free_run_dir(cfg.run_name())
+    resumed = cfg.continues_run()   # a resumed run goes on in its own folder, beside its earlier notebooks
+    run_dir = resumed or (Path(params['run_dir']) if params.get('run_dir') else free_run_dir(cfg.run_name()))
     params['run_dir'] = str(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.parent/f'.{run_dir.name}.{spec.notebook}'
+    nb_name = spec.notebook
+    if resumed:
+        nb_name = next(f"{Path(spec.notebook).stem}.resume{i}.ipynb" for i in range(1, 10_000)
+                       if not (run_dir/f"{Path(spec.notebook).stem}.resume{i}.ipynb").exists())
     try:
         # the kernel starts in the caller's folder, so relative paths in parameters mean what the caller meant
         pm.execute_notebook(str(nb), str(tmp), parameters=params, progress_bar=progress, cwd=os.getcwd())
     except pm.PapermillExecutionError as e:
         kept = run_dir.exists()
-        if kept: shutil.move(str(tmp), run_dir/spec.notebook)
+        if kept: shutil.move(str(tmp), run_dir/nb_name)
         raise JobFailed(f"{spec.notebook} stopped with {e.ename}: {e.evalue}\n" +
                         (f"The executed notebook is in {run_dir}." if kept else "Nothing was written; fix the input and rerun.")) from None
     finally:
         if tmp.exists() and not run_dir.exists(): tmp.unlink()
-    shutil.move(str(tmp), run_dir/spec.notebook)
-    if output: shutil.copy(run_dir/spec.notebook, output)
+    shutil.move(str(tmp), run_dir/nb_name)
+    if output: shutil.copy(run_dir/nb_name, output)
     return run_dir
 
 # %% ../nbs/11_runs.ipynb #841615b1
@@ -89,9 +94,21 @@ def _job_parser(cls, prog):
     ap = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or '').strip(),
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
+        flag = hints[f.name] is bool   # a bare --flag means True; --flag False also works
         ap.add_argument(f'--{f.name}', type=parse_value, default=f.default if f.default is not MISSING else None,
-                        help=docs.get(f.name) or ' ', metavar=getattr(hints[f.name], '__name__', 'VALUE').upper())
+                        help=docs.get(f.name) or ' ', metavar=getattr(hints[f.name], '__name__', 'VALUE').upper(),
+                        **(dict(nargs='?', const=True) if flag else {}))
     return ap
+
+def multi_gpu_command(argv:list[str],     # the llmwb arguments, e.g. ['sft', '--multi_gpu', '--lr', '1e-4']
+                      n_cuda:int|None=None # CUDA devices (None: ask torch)
+                     ) -> list[str]:
+    "The torchrun command that runs `llmwb argv` as one process per CUDA device; refuses fewer than two devices."
+    import torch
+    from llmwb.core import check_launch, Launch
+    n = torch.cuda.device_count() if n_cuda is None else n_cuda
+    check_launch(torch.device('cuda' if n else 'cpu'), Launch(world_size=max(n, 1)), multi_gpu=True, n_cuda=n)
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', '-m', 'llmwb.runs', *argv]
 
 def main(argv:list[str]=None):
     "The `llmwb` command: `run` a job notebook, run a job directly (`sft`), list `jobs` or `datasets`, or write `fixtures`."
@@ -130,9 +147,16 @@ def main(argv:list[str]=None):
         spec, _ = find_job(argv[0])
         cls, fn = spec.load()
         ns = vars(_job_parser(cls, f'llmwb {spec.name}').parse_args(argv[1:]))
-        res = fn(cls.from_dict(ns))
-        print(f"run folder: {res.run_dir}")
+        job = cls.from_dict(ns)
+        if getattr(job, 'multi_gpu', False) and 'WORLD_SIZE' not in os.environ:   # not yet launched: start one process per GPU
+            return subprocess.call(multi_gpu_command(argv))
+        res = fn(job)
+        if int(os.environ.get('RANK', 0)) == 0: print(f"run folder: {res.run_dir}")
         return 0
     except LlmwbError as e:
         print(f"llmwb: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/11_runs.ipynb #a505d3f5
+#| eval: false
+if __name__ == '__main__': sys.exit(main())   # python -m llmwb.runs ..., as torchrun runs it

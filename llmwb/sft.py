@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_sft.ipynb #cdfc2e93
 from __future__ import annotations
-import os, time
+import os, re, json, math, time
 import matplotlib.pyplot as plt
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,20 +12,23 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 from .core import (JobConfig, ConfigError, LlmwbError, DatasetError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
-                        dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS)
+                        dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS, atomic_write, check_launch, launch_info,
+                        runs_root, Launch)
 from .registry import load_task, get_spec
 from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
 from .evaluation import generative_eval, plot_confusion
-from .models import load_model, resolve_model_source
+from .models import (load_model, load_config, resolve_model_source, moe_info, quantization_config, add_lora, merge_lora,
+                          trainable_summary)
 
 # %% auto #0
-__all__ = ['SFTJob', 'MetricsCallback', 'CompletionSFTTrainer', 'train_sft']
+__all__ = ['BEST_METRICS', 'RESUME_FIELDS', 'SFTJob', 'MetricsCallback', 'CompletionSFTTrainer', 'seq2seq_features',
+           'resume_point', 'planned_steps', 'log_run_metadata', 'train_sft']
 
 # %% ../nbs/07_sft.ipynb #c3840b39
 @dataclass
 class SFTJob(JobConfig):
     "Supervised fine-tuning of a causal LM on prompt/completion pairs."
-    model: str = 'tiny-gpt2'          # offline preset (tiny-gpt2), local folder, or hub id (e.g. gpt2)
+    model: str = 'tiny-gpt2'          # offline preset (tiny-gpt2, tiny-t5, tiny-bart), local folder, or hub id (e.g. gpt2)
     dataset: str = 'sample-imdb'      # catalogue name (imdb, glue, gsm8k, ...), sample-imdb, a hub id, or a local path
     dataset_config: str = ''          # the dataset's config, e.g. sst2 for glue ('' for its default)
     datasets: list|None = None        # a mixture instead of one dataset, e.g. imdb,glue
@@ -42,7 +45,7 @@ class SFTJob(JobConfig):
     max_steps: int = -1               # optimizer steps; overrides num_train_epochs when > 0
     batch_size: int = 32              # examples per device per step
     grad_accum: int = 1               # gradient accumulation steps
-    lr: float|None = None             # peak learning rate (None: 1e-3 for a from-scratch preset, 5e-5 for a pretrained model)
+    lr: float|None = None             # peak learning rate (None: 1e-3 for a preset, 2e-4 for LoRA, 5e-5 for full fine-tuning)
     lr_scheduler: str = 'cosine'      # transformers scheduler name (cosine, linear, constant_with_warmup, ...)
     warmup: float = 0.05              # warmup: a fraction of all steps if below 1, else a number of steps
     weight_decay: float = 0.01        # AdamW weight decay
@@ -51,6 +54,22 @@ class SFTJob(JobConfig):
     device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
     dtype: str = 'auto'               # training precision: auto (bf16/fp16 mixed on CUDA, fp32 elsewhere), fp32, bf16, fp16
     attn_implementation: str = 'auto' # auto, flash_attention_2, sdpa or eager
+    use_lora: bool = False            # train LoRA adapters (peft) instead of all weights
+    lora_r: int = 16                  # LoRA rank
+    lora_alpha: int = 32              # LoRA scale numerator: updates are scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05        # dropout on the adapters' input
+    lora_target_modules: list|None = None  # modules to adapt, e.g. c_attn,c_fc (None: the architecture's defaults)
+    merge_lora: bool = True           # also save the adapters merged into the base weights as <run>/model
+    load_in_4bit: bool = False        # 4-bit NF4 weights through bitsandbytes (CUDA; QLoRA with use_lora)
+    load_in_8bit: bool = False        # 8-bit weights through bitsandbytes (CUDA; with use_lora)
+    moe_load_in_4bit: bool = False    # 4-bit loading when the model is a mixture of experts (dense models load as usual)
+    moe_load_in_8bit: bool = False    # 8-bit loading when the model is a mixture of experts
+    save_steps: int = 0               # save a resumable checkpoint every this many steps (0: none)
+    save_total_limit: int = 0         # checkpoints kept, oldest removed first (0: all)
+    resume_from_checkpoint: str = ''  # latest, or a run or checkpoint folder: continue that run in its own folder
+    load_best_model_at_end: bool = False  # evaluate at each checkpoint and finish with the best one
+    metric_for_best_model: str = 'eval_loss'  # eval_loss or eval_mean_token_accuracy (causal LMs)
+    multi_gpu: bool = False           # one process per CUDA device (llmwb sft --multi_gpu starts them with torchrun)
     eval_max_new_tokens: int = 0      # tokens generated per held-out prompt (0 by task: a label, a letter, a solution)
     eval_batch_size: int = 64         # prompts per generation batch
     logging_steps: int = 10           # log loss every this many steps
@@ -75,6 +94,20 @@ class SFTJob(JobConfig):
             raise ConfigError(f"Unknown mixture_strategy {self.mixture_strategy!r}.", expected=f"one of {', '.join(STRATEGIES)}")
         if self.attn_implementation not in ATTN_IMPLS:
             raise ConfigError(f"Unknown attn_implementation {self.attn_implementation!r}.", expected=f"one of {', '.join(ATTN_IMPLS)}")
+        if self.lora_r < 1: raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1: raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if (self.load_in_4bit or self.moe_load_in_4bit) and (self.load_in_8bit or self.moe_load_in_8bit):
+            quantization_config(load_in_4bit=True, load_in_8bit=True)   # raises: both requested
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_lora:
+            raise ConfigError("Quantized weights cannot be trained directly: 4/8-bit loading needs LoRA adapters to train.",
+                              fix="add use_lora=True (QLoRA), or drop load_in_4bit/load_in_8bit for full fine-tuning.")
+        for k in ('save_steps', 'save_total_limit'):
+            if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
+        if self.load_best_model_at_end and not self.save_steps:
+            raise ConfigError("load_best_model_at_end picks among checkpoints, and save_steps=0 saves none.",
+                              fix="set save_steps (e.g. save_steps=50), or drop load_best_model_at_end.")
+        if self.metric_for_best_model not in BEST_METRICS:
+            raise ConfigError(f"Unknown metric_for_best_model {self.metric_for_best_model!r}.", expected=f"one of {', '.join(BEST_METRICS)}")
 
     def run_name(self) -> str:
         if self.name: return self.name
@@ -82,7 +115,13 @@ class SFTJob(JobConfig):
         d = self.data_name()
         length = f"steps{self.max_steps}" if self.max_steps > 0 else f"ep{_fmt_num(self.num_train_epochs)}"
         lr = f"_lr{_fmt_num(self.lr)}" if self.lr else ''
-        return f"sft_{m}_{d}{lr}_bs{self.batch_size * self.grad_accum}_{length}"
+        lora = f"_lora{self.lora_r}" if self.use_lora else ''
+        return f"sft_{m}_{d}{lora}{lr}_bs{self.batch_size * self.grad_accum}_{length}"
+
+    def continues_run(self) -> Path|None:
+        "The run folder that resume_from_checkpoint continues, or None."
+        rp = resume_point(self)
+        return rp[0] if rp else None
 
     def data_name(self) -> str:
         "The data part of run names: 'sample-imdb', 'glue-sst2', 'mix_imdb-sentiment-70_glue-sst2-30', or a file's stem."
@@ -95,7 +134,14 @@ class SFTJob(JobConfig):
             except LlmwbError: return 'mix_' + '_'.join(f"{one(n, c)}-{round(r * 100)}" for n, c, r in zip(self.datasets, self.configs, self.rates))
         return one(self.dataset, self.dataset_config)
 
-# %% ../nbs/07_sft.ipynb #5f21893f
+# %% ../nbs/07_sft.ipynb #52ceeea9
+BEST_METRICS = ('eval_loss', 'eval_mean_token_accuracy')
+# what must match for a run to be continued: the model, the data and how they are batched
+RESUME_FIELDS = ('model', 'dataset', 'dataset_config', 'datasets', 'configs', 'rates', 'mixture_strategy', 'data_dir', 'train_split',
+                 'max_train_examples', 'max_length', 'batch_size', 'grad_accum', 'seed', 'use_lora', 'lora_r', 'lora_alpha',
+                 'lora_target_modules', 'load_in_4bit', 'load_in_8bit', 'moe_load_in_4bit', 'moe_load_in_8bit')
+
+# %% ../nbs/07_sft.ipynb #535005f8
 class MetricsCallback(TrainerCallback):
     "Append each trainer log (loss, learning rate, grad norm, ...) to the run's metrics.jsonl."
     def __init__(self, log:MetricsLog): self.mlog = log
@@ -104,8 +150,12 @@ class MetricsCallback(TrainerCallback):
         vals = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if vals: self.mlog.log(state.global_step, **vals)
 
-# %% ../nbs/07_sft.ipynb #c297c680
+# %% ../nbs/07_sft.ipynb #68177356
 from trl import SFTTrainer
+
+def _inner_lm(model):
+    "The transformers model under a peft wrapper (LoRA layers injected in place), else the model itself."
+    return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
 class CompletionSFTTrainer(SFTTrainer):
     "TRL's SFTTrainer, projecting through the LM head only the positions that carry a label where TRL would not."
@@ -113,16 +163,18 @@ class CompletionSFTTrainer(SFTTrainer):
 
     def _compact_ok(self, model, inputs) -> bool:
         if getattr(self, '_compact_disabled', None) is None:
-            cfg = model.config.get_text_config()
+            inner = _inner_lm(self.accelerator.unwrap_model(model))   # under DDP the model arrives wrapped
+            cfg = inner.config.get_text_config()
             self._vocab_size = cfg.vocab_size
             dev = next(model.parameters()).device
             self._compact_disabled = bool(
                 self.accelerator.num_processes > 1 or dev.type in ('cuda', 'xpu') or self.aux_loss_enabled
-                or type(model).__name__.startswith('Peft') or self.compute_loss_func is not None
+                or any(c.peft_type != 'LORA' for c in getattr(model, 'peft_config', {}).values())
+                or self.compute_loss_func is not None
                 or self.label_smoother is not None or getattr(self.args, 'loss_type', 'nll') != 'nll'
                 or any(getattr(cfg, a, None) not in (None, 1.0) for a in
                        ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling'))
-                or not hasattr(model, 'base_model') or model.get_output_embeddings() is None)
+                or not hasattr(inner, 'base_model') or inner.get_output_embeddings() is None)
         if self._compact_disabled or 'labels' not in inputs or 'shift_labels' in inputs: return False
         return int((inputs['labels'] != -100).sum()) * self._vocab_size <= self.max_compact_elems
 
@@ -132,10 +184,11 @@ class CompletionSFTTrainer(SFTTrainer):
         import torch.nn.functional as F
         mode = 'train' if self.model.training else 'eval'
         fwd = {k: v for k, v in inputs.items() if k in ('input_ids', 'attention_mask', 'position_ids', 'token_type_ids')}
-        hidden = model.base_model(**fwd, use_cache=False).last_hidden_state[:, :-1]
+        inner = _inner_lm(model)
+        hidden = inner.base_model(**fwd, use_cache=False).last_hidden_state[:, :-1]
         target = inputs['labels'][:, 1:]
         mask = target != -100
-        logits = model.get_output_embeddings()(hidden[mask]).float()
+        logits = inner.get_output_embeddings()(hidden[mask]).float()
         tgt = target[mask]
         n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         loss = F.cross_entropy(logits, tgt, reduction='sum') / torch.as_tensor(n, device=logits.device).clamp(min=1)
@@ -148,7 +201,7 @@ class CompletionSFTTrainer(SFTTrainer):
             self._metrics[mode]['num_tokens'] = [self._total_train_tokens]
         return loss
 
-# %% ../nbs/07_sft.ipynb #cab1f723
+# %% ../nbs/07_sft.ipynb #67ab3d5a
 def _prepare_data(job:SFTJob):
     "The formatted train and held-out splits, the spec of each source, a description and notes (raises before any run folder exists)."
     common = dict(mode='sft', max_train=job.max_train_examples or None, max_eval=job.max_eval_examples or None, seed=job.seed,
@@ -168,6 +221,18 @@ def _precision(job:SFTJob, device:torch.device) -> dict:
         raise ConfigError("fp16 mixed precision is not supported on the CPU.", fix="use dtype='bf16' or 'fp32' on the CPU.")
     return {'bf16': dt == torch.bfloat16, 'fp16': dt == torch.float16}
 
+def _quantization(job:SFTJob) -> tuple[str, str]:
+    "'4bit', '8bit' or '' for the weights, and a note when a moe_load_in_* flag met a dense model."
+    bits = '4bit' if job.load_in_4bit else '8bit' if job.load_in_8bit else ''
+    moe_bits = '4bit' if job.moe_load_in_4bit else '8bit' if job.moe_load_in_8bit else ''
+    if not moe_bits or bits: return bits, ''
+    info = moe_info(load_config(job.model))
+    if not info.is_moe: return '', f"moe_load_in_{moe_bits} ignored: {job.model} is a dense model (no experts in its config)"
+    if not job.use_lora:
+        raise ConfigError(f"{job.model} is a mixture of experts, so moe_load_in_{moe_bits} quantizes it, and quantized weights "
+                          "cannot be trained directly.", fix="add use_lora=True (QLoRA), or drop the moe_load_in_* flag.")
+    return moe_bits, f"{job.model} has {info.n_experts} experts ({info.n_active} active): loading in {moe_bits} (moe_load_in_{moe_bits})"
+
 def _score_line(res:dict, label:str='') -> str:
     "'accuracy 0.912 (parsed 100%)', or the exact match / token F1 of generative tasks."
     acc = res.get('accuracy', res.get('exact_match'))
@@ -180,8 +245,104 @@ def _strip(per_source:dict) -> dict:
     "Per-source metrics for metrics.json: rounded, the confusion matrix kept."
     return {k: {n: (round(v, 4) if isinstance(v, float) else v) for n, v in m.items()} for k, m in per_source.items()}
 
+# %% ../nbs/07_sft.ipynb #d0b2c7a3
+def seq2seq_features(ds, tokenizer, max_length:int):
+    "Tokenize prompt/completion rows for an encoder-decoder: input_ids (the prompt's last `max_length` tokens) and labels."
+    eos = tokenizer.eos_token_id
+    def enc(b):
+        ids = [x[-max_length:] for x in tokenizer(b['prompt'])['input_ids']]
+        labels = [(y + [eos])[:max_length] for y in tokenizer(b['completion'])['input_ids']]
+        return {'input_ids': ids, 'attention_mask': [[1] * len(x) for x in ids], 'labels': labels}
+    return ds.map(enc, batched=True, remove_columns=ds.column_names)
+
+# %% ../nbs/07_sft.ipynb #e06f5797
+def _last_checkpoint(run_dir:Path) -> Path|None:
+    cks = [p for p in (Path(run_dir)/'checkpoints').glob('checkpoint-*') if p.name.split('-')[-1].isdigit() and (p/'trainer_state.json').exists()]
+    return max(cks, key=lambda p: int(p.name.split('-')[-1])) if cks else None
+
+def _same_run(job:SFTJob, saved:dict) -> list[str]:
+    "The fields that differ between `job` and a run's saved config."
+    d = job.to_dict()
+    return [k for k in RESUME_FIELDS if k in saved and saved[k] != d[k]]
+
+def resume_point(job:SFTJob) -> tuple[Path, Path]|None:
+    "(run folder, checkpoint folder) that `job.resume_from_checkpoint` names, or None; raises with the reason."
+    r = job.resume_from_checkpoint
+    if not r: return None
+    if r == 'latest':
+        if job.run_dir and (Path(job.run_dir)/'config.json').exists(): candidates = [Path(job.run_dir)]
+        else:
+            candidates = []
+            for d in runs_root().glob('*/config.json'):
+                try: saved = json.loads(d.read_text())
+                except (OSError, json.JSONDecodeError): continue
+                if saved.get('job') == 'SFTJob' and not _same_run(job, saved): candidates.append(d.parent)
+        found = [(rd, ck) for rd in candidates if (ck := _last_checkpoint(rd))]
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint='latest' found no checkpoint of an SFT run of {job.model} on {job.data_name()} "
+                              f"under {job.run_dir or runs_root()}.",
+                              fix="pass the run folder or checkpoint folder to resume, or train with save_steps > 0 so runs leave checkpoints.")
+        rd, ck = max(found, key=lambda t: (t[1].stat().st_mtime, int(t[1].name.split('-')[-1])))
+    else:
+        p = Path(r).expanduser()
+        if not p.exists(): raise ConfigError(f"resume_from_checkpoint {r!r} does not exist.", fix="pass 'latest', a run folder or a checkpoint folder.")
+        if (p/'trainer_state.json').exists(): rd, ck = p.parent.parent, p
+        else: rd, ck = p, _last_checkpoint(p)
+        if not (rd/'config.json').exists() or ck is None:
+            raise ConfigError(f"{str(p)!r} is not an llmwb run folder with checkpoints, nor a checkpoint inside one.",
+                              expected="<run>/ or <run>/checkpoints/checkpoint-<step>/ (holding trainer_state.json)",
+                              fix="point resume_from_checkpoint at the run folder, or use 'latest'.")
+    diff = _same_run(job, json.loads((rd/'config.json').read_text()))
+    if diff:
+        saved = json.loads((rd/'config.json').read_text())
+        raise ConfigError(f"Cannot continue {rd.name}: it was trained with a different " +
+                          ', '.join(f"{k} ({saved[k]!r}, now {getattr(job, k)!r})" for k in diff) + '.',
+                          fix="use the run's own settings for these fields (see its config.json), or start a new run.")
+    return rd, ck
+
+# %% ../nbs/07_sft.ipynb #d19ee809
+def planned_steps(n_train:int, batch_size:int, grad_accum:int, world_size:int, num_train_epochs:float, max_steps:int) -> int:
+    "Optimizer steps the trainer will take: max_steps, or epochs x updates per epoch (each process reads its shard)."
+    if max_steps > 0: return max_steps
+    batches = math.ceil(n_train / (batch_size * world_size))
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return math.ceil(num_train_epochs * per_epoch)
+
+def _md_table(d:dict) -> str:
+    return '| field | value |\n|---|---|\n' + ''.join(f"| {k} | {str(v).replace('|', '/')} |\n" for k, v in d.items())
+
+def log_run_metadata(tb, job:JobConfig, facts:dict):
+    "Write the run's facts at step 0 of TensorBoard writer `tb`: numbers as scalars under run/, the rest and the config as text."
+    for k, v in facts.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool): tb.add_scalar(f'run/{k}', v, 0)
+    tb.add_text('run/facts', _md_table({k: v for k, v in facts.items()}), 0)
+    tb.add_text('run/config', _md_table(job.to_dict()), 0)
+    tb.flush()
+
+# %% ../nbs/07_sft.ipynb #4372b7b2
+def _open_run(job:SFTJob, launch:Launch, resume, device:torch.device) -> Path:
+    "Rank 0 opens (or reopens) the run folder; under DDP the others get its path from rank 0."
+    def make():
+        if resume is None: return start_run(job, job.run_dir)
+        rd, ck = resume
+        with open(rd/'resumes.jsonl', 'a') as f:
+            f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'checkpoint': str(ck), 'config': job.to_dict()}, default=str) + '\n')
+        return rd
+    if not launch.distributed: return make()
+    import torch.distributed as dist
+    from accelerate import PartialState
+    PartialState(cpu=device.type == 'cpu')   # joins the process group torchrun set up
+    box = [None]
+    if launch.is_main:
+        try: box = [str(make())]
+        except LlmwbError as e: box = [f"!{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(box, src=0)
+    if box[0].startswith('!'): raise LlmwbError(f"rank 0 could not open the run folder: {box[0][1:]}")
+    return Path(box[0])
+
 def train_sft(job:SFTJob,        # the job to run
-              quiet:bool=False    # hide progress bars and prints
+              quiet:bool=False,   # hide progress bars and prints
+              callbacks:list|None=None  # extra transformers TrainerCallbacks
              ) -> RunResult:
     "Run SFT job `job`: load, evaluate, train, evaluate again, and record everything in its run folder."
     from trl import SFTConfig
@@ -189,55 +350,107 @@ def train_sft(job:SFTJob,        # the job to run
     from torch.utils.tensorboard import SummaryWriter
     t_start = time.time()
     # 1. everything that can fail on bad input happens before the run folder exists
-    device = get_device(job.device)
+    launch = launch_info()
+    device = check_launch(get_device(job.device), launch, job.multi_gpu)
     precision = _precision(job, device)
     resolve_model_source(job.model)  # an unknown model fails here, before the data are loaded
+    resume = resume_point(job)
+    bits, quant_note = _quantization(job)
     train_ds, held_ds, specs, data_desc, data_notes = _prepare_data(job)
-    lm = load_model(job.model, device=str(device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
-    lr = job.lr or (1e-3 if lm.source.kind == 'preset' else 5e-5)
+    lm = load_model(job.model, device=str(device), dtype='auto' if bits else 'fp32', attn_implementation=job.attn_implementation,
+                    seed=job.seed, load_in_4bit=bits == '4bit', load_in_8bit=bits == '8bit')
+    model = add_lora(lm.model, job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_target_modules) if job.use_lora else lm.model
+    params = trainable_summary(model)
+    lr = job.lr or (1e-3 if lm.source.kind == 'preset' else 2e-4 if job.use_lora else 5e-5)
+    ws = launch.world_size
+    steps = planned_steps(len(train_ds), job.batch_size, job.grad_accum, ws, job.num_train_epochs, job.max_steps)
+    facts = {'model': job.model, 'architecture': lm.summary()['architecture'], **params, 'lora': job.use_lora,
+             'quantization': bits or 'none', 'attn_implementation': lm.attn_implementation, 'device': str(device),
+             'precision': dtype_name(get_dtype(job.dtype, device)), 'weights_dtype': str(lm.dtype).replace('torch.', ''),
+             'world_size': ws, 'effective_batch': job.batch_size * ws * job.grad_accum, 'steps_planned': steps,
+             'token_budget': job.batch_size * job.max_length * steps * ws * job.grad_accum, 'data': data_desc,
+             'sources': ', '.join(specs), 'rates': ', '.join(map(str, job.rates)) if job.rates else '1', 'n_train': len(train_ds),
+             'n_eval': len(held_ds)}
     # 2. the run
-    run_dir = start_run(job, job.run_dir)
+    run_dir = _open_run(job, launch, resume, device)
+    main = launch.is_main
     mlog = MetricsLog(run_dir)
-    say = (lambda *a: None) if quiet else print
+    say = print if main and not quiet else (lambda *a: None)
     try:
-        say(f"run folder: {run_dir}")
-        say(f"model: {job.model} ({lm.n_params:,} params) on {device}, attention {lm.attn_implementation}: {lm.attn_reason}")
-        say(f"data: {data_desc}" + ''.join(f"\n  note: {n}" for n in data_notes))
-        evaluate = lambda: generative_eval(lm.model, lm.tokenizer, held_ds, specs, max_new_tokens=job.eval_max_new_tokens or None,
+        say(f"run folder: {run_dir}" + (f" (resuming from {resume[1].name})" if resume else ''))
+        say(f"model: {job.model} ({params['total_params']:,} params, {params['trainable_params']:,} trainable = "
+            f"{params['trainable_pct']:.2f}%) on {device}, attention {lm.attn_implementation}: {lm.attn_reason}")
+        if ws > 1: say(f"processes: {ws}, effective batch {facts['effective_batch']} ({job.batch_size} x {ws} x {job.grad_accum})")
+        say(f"data: {data_desc}" + ''.join(f"\n  note: {n}" for n in data_notes + ([quant_note] if quant_note else [])))
+        evaluate = lambda: generative_eval(model, lm.tokenizer, held_ds, specs, max_new_tokens=job.eval_max_new_tokens or None,
                                            batch_size=job.eval_batch_size)
-        before = evaluate()
         one = lambda res: res if len(specs) > 1 else next(iter(res['per_source'].values()))   # one source: its own metrics (macro-F1, ...)
-        say(f"held-out {_score_line(one(before))} before training")
+        before = None
+        if main:
+            saved = run_dir/'eval_before.json'
+            if resume and saved.exists(): before = json.loads(saved.read_text())
+            else:
+                before = evaluate()
+                atomic_write(saved, json.dumps(before, default=str))
+            say(f"held-out {_score_line(one(before))} before training")
         set_seed(job.seed)
-        args = SFTConfig(
+        ckpt = dict(save_strategy='steps' if job.save_steps else 'no', save_steps=job.save_steps or 500,
+                    save_total_limit=job.save_total_limit or None, load_best_model_at_end=job.load_best_model_at_end,
+                    metric_for_best_model=job.metric_for_best_model if job.load_best_model_at_end else None,
+                    eval_strategy='steps' if job.load_best_model_at_end else 'no', eval_steps=job.save_steps or None)
+        common = dict(
             output_dir=str(run_dir/'checkpoints'), per_device_train_batch_size=job.batch_size,
             gradient_accumulation_steps=job.grad_accum, learning_rate=lr, lr_scheduler_type=job.lr_scheduler,
             warmup_steps=job.warmup, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm,
             num_train_epochs=job.num_train_epochs, max_steps=job.max_steps, logging_steps=job.logging_steps,
-            logging_first_step=True, save_strategy='no', report_to='none', seed=job.seed, data_seed=job.seed,
-            max_length=job.max_length, completion_only_loss=True, use_cpu=device.type == 'cpu',
-            dataloader_pin_memory=device.type == 'cuda', disable_tqdm=quiet, per_device_eval_batch_size=job.eval_batch_size,
-            **precision)
-        tb = SummaryWriter(str(run_dir/'tensorboard'))
-        trainer = CompletionSFTTrainer(model=lm.model, args=args, train_dataset=train_ds.select_columns(['prompt', 'completion']),
-                             eval_dataset=held_ds.select_columns(['prompt', 'completion']), processing_class=lm.tokenizer,
-                             callbacks=[MetricsCallback(mlog), TensorBoardCallback(tb)])
-        if quiet:
+            logging_first_step=True, report_to='none', seed=job.seed, data_seed=job.seed,
+            use_cpu=device.type == 'cpu', dataloader_pin_memory=device.type == 'cuda', disable_tqdm=quiet or not main,
+            per_device_eval_batch_size=job.eval_batch_size, ddp_find_unused_parameters=False if ws > 1 else None,
+            **ckpt, **precision)
+        tb = SummaryWriter(str(run_dir/'tensorboard')) if main else None
+        cbs = [MetricsCallback(mlog)] + ([TensorBoardCallback(tb)] if main else []) + list(callbacks or [])
+        if lm.is_seq2seq:
+            from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, DataCollatorForSeq2Seq
+            feats = lambda ds: seq2seq_features(ds, lm.tokenizer, job.max_length)
+            trainer = Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**common), train_dataset=feats(train_ds),
+                                     eval_dataset=feats(held_ds), processing_class=lm.tokenizer, callbacks=cbs,
+                                     data_collator=DataCollatorForSeq2Seq(lm.tokenizer, model=model, label_pad_token_id=-100))
+        else:
+            trainer = CompletionSFTTrainer(model=model, args=SFTConfig(**common, max_length=job.max_length, completion_only_loss=True),
+                                           train_dataset=train_ds.select_columns(['prompt', 'completion']),
+                                           eval_dataset=held_ds.select_columns(['prompt', 'completion']), processing_class=lm.tokenizer,
+                                           callbacks=cbs)
+        if quiet or not main:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)
+        if main and not resume:
+            log_run_metadata(tb, job, facts)
+            for k, m in before['per_source'].items():
+                for n in ('accuracy', 'exact_match', 'macro_f1', 'token_f1'):
+                    if n in m: tb.add_scalar(f'generative/{k}/{n}', m[n], 0)
         t0 = time.time()
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
         train_time = time.time() - t0
         eval_loss = trainer.evaluate()['eval_loss']
-        tb.close()
+        if not main:
+            return RunResult(run_dir, {'status': 'completed', 'rank': launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
         after = evaluate()
+        for k, m in after['per_source'].items():
+            for n in ('accuracy', 'exact_match', 'macro_f1', 'token_f1'):
+                if n in m: tb.add_scalar(f'generative/{k}/{n}', m[n], out.global_step)
+        tb.close()
         say(f"held-out {_score_line(one(after))} after training" + ''.join(f"\n  {_score_line(m, k)}" for k, m in after['per_source'].items() if len(specs) > 1))
         for k, m in after['per_source'].items():
             if 'confusion' in m:
                 plt.close(plot_confusion(m['confusion'], m['label_names'], run_dir/'plots'/f"confusion_{k.replace('/', '_')}.png",
                                          f"{k}: held-out after training (accuracy {m['accuracy']:.3f})"))
         if job.save_model:
-            lm.model.save_pretrained(run_dir/'model'); lm.tokenizer.save_pretrained(run_dir/'model')
+            if job.use_lora:
+                model.save_pretrained(run_dir/'adapter'); lm.tokenizer.save_pretrained(run_dir/'adapter')
+                if job.merge_lora and not bits:
+                    model = merge_lora(model)
+                    model.save_pretrained(run_dir/'model'); lm.tokenizer.save_pretrained(run_dir/'model')
+            else: model.save_pretrained(run_dir/'model'); lm.tokenizer.save_pretrained(run_dir/'model')
         records = mlog.read()
         plot_metrics(records, ['loss', 'learning_rate'], run_dir/'plots'/'loss.png', title=f"SFT {job.model} on {job.data_name()}")
         metrics = {
@@ -249,11 +462,14 @@ def train_sft(job:SFTJob,        # the job to run
             'train_loss': out.training_loss, 'final_loss': next((r['loss'] for r in reversed(records) if 'loss' in r), None),
             'steps': out.global_step, 'lr': lr, 'train_runtime_s': round(train_time, 2),
             'steps_per_s': round(out.global_step / max(train_time, 1e-9), 2), 'wall_time_s': round(time.time() - t_start, 2),
-            **lm.summary(), 'precision': dtype_name(get_dtype(job.dtype, device)),
+            **lm.summary(), 'precision': dtype_name(get_dtype(job.dtype, device)), **params,
+            **{k: facts[k] for k in ('world_size', 'effective_batch', 'token_budget', 'quantization')},
+            'resumed_from': str(resume[1]) if resume else None,
+            'best_checkpoint': trainer.state.best_model_checkpoint, 'best_metric': trainer.state.best_metric,
             'samples_after': after['samples'][:5],
         }
         mlog.write_final(metrics)
     except BaseException as e:
-        mlog.write_final({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'wall_time_s': round(time.time() - t_start, 2)})
+        if main: mlog.write_final({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'wall_time_s': round(time.time() - t_start, 2)})
         raise
-    return RunResult(run_dir, metrics, lm.model, lm.tokenizer)
+    return RunResult(run_dir, metrics, model, lm.tokenizer)

@@ -18,3 +18,9 @@ def run_cli(*args, env=None, timeout=600, cwd=ROOT):
     e = {**os.environ, **(env or {})}
     return subprocess.run([shutil.which('llmwb') or 'llmwb', *args], capture_output=True, text=True, env=e,
                           timeout=timeout, cwd=cwd)
+
+@pytest.fixture(scope='session')
+def mirror(tmp_path_factory):
+    "The offline fixture mirror of the whole catalogue (generated once per test session)."
+    from llmwb.fixtures import write_fixture_mirror
+    return write_fixture_mirror(tmp_path_factory.mktemp('data')/'mirror')

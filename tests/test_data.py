@@ -8,13 +8,8 @@ from conftest import NBS
 
 from llmwb.core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError
 from llmwb.registry import REGISTRY, load_task
-from llmwb.fixtures import write_fixture_mirror, fixture_configs
+from llmwb.fixtures import fixture_configs
 from llmwb.evaluation import parse_label, parse_choice, extract_number, numbers_match
-
-@pytest.fixture(scope='session')
-def mirror(tmp_path_factory):
-    "The offline fixture mirror of the whole catalogue."
-    return write_fixture_mirror(tmp_path_factory.mktemp('data')/'mirror')
 
 CASES = [(n, c, m) for n in REGISTRY for c in fixture_configs(n) for m in REGISTRY[n].modes]
 
