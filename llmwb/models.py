@@ -74,9 +74,9 @@ register_preset(ModelPreset(
 # %% ../nbs/04_models.ipynb #e9bcbc8e
 _EOT = 50256
 register_preset(ModelPreset(
-    'tiny-t5', 'T5 v1.1 architecture (encoder-decoder, gated GELU, untied head, no dropout), 2+2 layers, 4 heads, d=128, random init; GPT-2 BPE tokenizer (offline)',
+    'tiny-t5', 'T5 v1.1 architecture (encoder-decoder, gated GELU, no dropout), 2+2 layers, 4 heads, d=128, random init; GPT-2 BPE tokenizer (offline)',
     lambda: T5Config(vocab_size=50257, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
-                     feed_forward_proj='gated-gelu', tie_word_embeddings=False, dropout_rate=0.0, pad_token_id=_EOT,
+                     feed_forward_proj='gated-gelu', dropout_rate=0.0, pad_token_id=_EOT,
                      eos_token_id=_EOT, bos_token_id=_EOT, decoder_start_token_id=_EOT),
     lambda: gpt2_tokenizer(model_max_length=512)))
 register_preset(ModelPreset(
