@@ -167,8 +167,13 @@ class CompletionSFTTrainer(SFTTrainer):
             cfg = inner.config.get_text_config()
             self._vocab_size = cfg.vocab_size
             dev = next(model.parameters()).device
+            # under DDP the loss must come out of the wrapped forward (which syncs gradients): the model's own
+            # logits_to_keep then selects the labelled columns of the batch
+            import inspect
+            self._compact_mode = 'columns' if self.accelerator.num_processes > 1 else 'positions'
             self._compact_disabled = bool(
-                self.accelerator.num_processes > 1 or dev.type in ('cuda', 'xpu') or self.aux_loss_enabled
+                (self._compact_mode == 'columns' and 'logits_to_keep' not in inspect.signature(inner.forward).parameters)
+                or dev.type in ('cuda', 'xpu') or self.aux_loss_enabled
                 or any(c.peft_type != 'LORA' for c in getattr(model, 'peft_config', {}).values())
                 or self.compute_loss_func is not None
                 or self.label_smoother is not None or getattr(self.args, 'loss_type', 'nll') != 'nll'
@@ -184,14 +189,24 @@ class CompletionSFTTrainer(SFTTrainer):
         import torch.nn.functional as F
         mode = 'train' if self.model.training else 'eval'
         fwd = {k: v for k, v in inputs.items() if k in ('input_ids', 'attention_mask', 'position_ids', 'token_type_ids')}
-        inner = _inner_lm(model)
-        hidden = inner.base_model(**fwd, use_cache=False).last_hidden_state[:, :-1]
         target = inputs['labels'][:, 1:]
-        mask = target != -100
-        logits = inner.get_output_embeddings()(hidden[mask]).float()
-        tgt = target[mask]
+        if self._compact_mode == 'columns':   # the columns where any row has a label, through the (DDP) model's forward
+            cols = (target != -100).any(0).nonzero().squeeze(1)
+            logits = model(**fwd, use_cache=False, logits_to_keep=cols).logits.float()
+            tgt = target[:, cols]
+            mask = tgt != -100
+            logits, tgt = logits[mask], tgt[mask]
+        else:                                  # exactly the labelled positions, through the backbone and the head
+            inner = _inner_lm(model)
+            hidden = inner.base_model(**fwd, use_cache=False).last_hidden_state[:, :-1]
+            mask = target != -100
+            logits = inner.get_output_embeddings()(hidden[mask]).float()
+            tgt = target[mask]
         n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
         loss = F.cross_entropy(logits, tgt, reduction='sum') / torch.as_tensor(n, device=logits.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # n counts the labels of every process, and DDP averages gradients: scale back as Trainer.compute_loss does
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
         with torch.no_grad():  # the metrics TRL logs, from the same logits
             nv = max(int(mask.sum()), 1)
             logp = logits.log_softmax(-1)
