@@ -280,10 +280,8 @@ def moe_info(config) -> MoEInfo:
 
 # %% ../nbs/04_models.ipynb #1d0038e0
 def _meta_model(config):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    cls = AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForSeq2SeqLM
-    with torch.device('meta'): return cls.from_config(config)
+    "The model of `config` on the meta device, built by the Auto class `load_model` would use."
+    with torch.device('meta'): return _model_class(config)[1].from_config(config)
 
 def _embedding_ids(m) -> set:
     "ids of the input and output embedding parameters (bitsandbytes leaves them unquantized)."

@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_sft.ipynb #cdfc2e93
 from __future__ import annotations
-import os, re, json, math, time
+import os, json, math, time
 import matplotlib.pyplot as plt
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from .core import (JobConfig, ConfigError, LlmwbError, DatasetError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
+from .core import (JobConfig, ConfigError, LlmwbError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
                         dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS, atomic_write, check_launch, launch_info,
                         runs_root, Launch)
 from .registry import load_task, get_spec
@@ -307,9 +307,9 @@ def resume_point(job:SFTJob) -> tuple[Path, Path]|None:
             raise ConfigError(f"{str(p)!r} is not an llmwb run folder with checkpoints, nor a checkpoint inside one.",
                               expected="<run>/ or <run>/checkpoints/checkpoint-<step>/ (holding trainer_state.json)",
                               fix="point resume_from_checkpoint at the run folder, or use 'latest'.")
-    diff = _same_run(job, json.loads((rd/'config.json').read_text()))
+    saved = json.loads((rd/'config.json').read_text())
+    diff = _same_run(job, saved)
     if diff:
-        saved = json.loads((rd/'config.json').read_text())
         raise ConfigError(f"Cannot continue {rd.name}: it was trained with a different " +
                           ', '.join(f"{k} ({saved[k]!r}, now {getattr(job, k)!r})" for k in diff) + '.',
                           fix="use the run's own settings for these fields (see its config.json), or start a new run.")
@@ -330,11 +330,17 @@ def log_run_metadata(tb, job:JobConfig, facts:dict):
     "Write the run's facts at step 0 of TensorBoard writer `tb`: numbers as scalars under run/, the rest and the config as text."
     for k, v in facts.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool): tb.add_scalar(f'run/{k}', v, 0)
-    tb.add_text('run/facts', _md_table({k: v for k, v in facts.items()}), 0)
+    tb.add_text('run/facts', _md_table(facts), 0)
     tb.add_text('run/config', _md_table(job.to_dict()), 0)
     tb.flush()
 
 # %% ../nbs/07_sft.ipynb #4372b7b2
+def _log_generative(tb, res:dict, step:int):
+    "The held-out generative scores of each source, as TensorBoard scalars at `step`."
+    for k, m in res['per_source'].items():
+        for n in ('accuracy', 'exact_match', 'macro_f1', 'token_f1'):
+            if n in m: tb.add_scalar(f'generative/{k}/{n}', m[n], step)
+
 def _open_run(job:SFTJob, launch:Launch, resume, device:torch.device) -> Path:
     "Rank 0 opens (or reopens) the run folder; under DDP the others get its path from rank 0."
     def make():
@@ -440,9 +446,7 @@ def train_sft(job:SFTJob,        # the job to run
             trainer.remove_callback(PrinterCallback)
         if main and not resume:
             log_run_metadata(tb, job, facts)
-            for k, m in before['per_source'].items():
-                for n in ('accuracy', 'exact_match', 'macro_f1', 'token_f1'):
-                    if n in m: tb.add_scalar(f'generative/{k}/{n}', m[n], 0)
+            _log_generative(tb, before, 0)
         t0 = time.time()
         out = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
         train_time = time.time() - t0
@@ -450,9 +454,7 @@ def train_sft(job:SFTJob,        # the job to run
         if not main:
             return RunResult(run_dir, {'status': 'completed', 'rank': launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
         after = evaluate()
-        for k, m in after['per_source'].items():
-            for n in ('accuracy', 'exact_match', 'macro_f1', 'token_f1'):
-                if n in m: tb.add_scalar(f'generative/{k}/{n}', m[n], out.global_step)
+        _log_generative(tb, after, out.global_step)
         tb.close()
         say(f"held-out {_score_line(one(after))} after training" + ''.join(f"\n  {_score_line(m, k)}" for k, m in after['per_source'].items() if len(specs) > 1))
         for k, m in after['per_source'].items():
@@ -460,12 +462,11 @@ def train_sft(job:SFTJob,        # the job to run
                 plt.close(plot_confusion(m['confusion'], m['label_names'], run_dir/'plots'/f"confusion_{k.replace('/', '_')}.png",
                                          f"{k}: held-out after training (accuracy {m['accuracy']:.3f})"))
         if job.save_model:
-            if job.use_lora:
-                model.save_pretrained(run_dir/'adapter'); lm.tokenizer.save_pretrained(run_dir/'adapter')
-                if job.merge_lora and not bits:
-                    model = merge_lora(model)
-                    model.save_pretrained(run_dir/'model'); lm.tokenizer.save_pretrained(run_dir/'model')
-            else: model.save_pretrained(run_dir/'model'); lm.tokenizer.save_pretrained(run_dir/'model')
+            save = lambda m, sub: (m.save_pretrained(run_dir/sub), lm.tokenizer.save_pretrained(run_dir/sub))
+            merged = job.use_lora and job.merge_lora and not bits   # adapters on 4/8-bit weights are kept apart
+            if job.use_lora: save(model, 'adapter')
+            if merged: model = merge_lora(model)
+            if merged or not job.use_lora: save(model, 'model')
         records = mlog.read()
         plot_metrics(records, ['loss', 'learning_rate'], run_dir/'plots'/'loss.png', title=f"SFT {job.model} on {job.data_name()}")
         metrics = {
@@ -477,8 +478,7 @@ def train_sft(job:SFTJob,        # the job to run
             'train_loss': out.training_loss, 'final_loss': next((r['loss'] for r in reversed(records) if 'loss' in r), None),
             'steps': out.global_step, 'lr': lr, 'train_runtime_s': round(train_time, 2),
             'steps_per_s': round(out.global_step / max(train_time, 1e-9), 2), 'wall_time_s': round(time.time() - t_start, 2),
-            **lm.summary(), 'precision': dtype_name(get_dtype(job.dtype, device)), **params,
-            **{k: facts[k] for k in ('world_size', 'effective_batch', 'token_budget', 'quantization')},
+            **lm.summary(), **params, **{k: facts[k] for k in ('precision', 'world_size', 'effective_batch', 'token_budget', 'quantization')},
             'resumed_from': str(resume[1]) if resume else None,
             'best_checkpoint': trainer.state.best_model_checkpoint, 'best_metric': trainer.state.best_metric,
             'samples_after': after['samples'][:5],

@@ -56,7 +56,8 @@ def test_quantization_requests_refused(runs_dir):
     with pytest.raises(ConfigError, match='both requested'): SFTJob(load_in_4bit=True, load_in_8bit=True, use_lora=True)
     with pytest.raises(ConfigError, match='use_lora=True'): SFTJob(load_in_8bit=True)
     # moe_load_in_4bit leaves a dense model alone and says so; on this CPU a real 4-bit request is refused with the reason
-    assert __import__('llmwb.sft', fromlist=['_quantization'])._quantization(SFTJob(moe_load_in_4bit=True))[0] == ''
+    from llmwb.sft import _quantization
+    assert _quantization(SFTJob(moe_load_in_4bit=True))[0] == ''
     with pytest.raises(Exception, match='bitsandbytes|CUDA'):
         train_sft(SFTJob(model='tiny-gpt2', load_in_4bit=True, use_lora=True, device='cpu'), quiet=True)
     assert list(runs_dir.iterdir()) == []
