@@ -26,7 +26,9 @@ class JobSpec:
         m = importlib.import_module(self.module)
         return getattr(m, self.config), getattr(m, self.fn)
 
-JOBS = {'sft': JobSpec('sft', 'llmwb.sft', 'SFTJob', 'train_sft', 'train_sft.ipynb')}
+JOBS = {'sft': JobSpec('sft', 'llmwb.sft', 'SFTJob', 'train_sft', 'train_sft.ipynb'),
+        'pretrain': JobSpec('pretrain', 'llmwb.pretrain', 'PretrainJob', 'train_pretrain', 'train_pretrain.ipynb'),
+        'cache': JobSpec('cache', 'llmwb.cache', 'CacheJob', 'run_build_cache', 'build_cache.ipynb')}
 
 def find_job(name:str) -> tuple[JobSpec, Path|None]:
     "The job for a short name (`sft`), a notebook name (`train_sft`) or a notebook path, and its notebook path."

@@ -19,10 +19,11 @@ from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
 from .evaluation import generative_eval, plot_confusion
 from .models import (load_model, load_config, resolve_model_source, moe_info, quantization_config, add_lora, merge_lora,
                           trainable_summary)
+from .packing import pack_dataset, PackedCollator, enable_packed_attention, _inner_lm
 
 # %% auto #0
 __all__ = ['BEST_METRICS', 'RESUME_FIELDS', 'SFTJob', 'MetricsCallback', 'CompletionSFTTrainer', 'seq2seq_features',
-           'resume_point', 'planned_steps', 'log_run_metadata', 'train_sft']
+           'tokenize_completions', 'pack_sft_data', 'resume_point', 'planned_steps', 'log_run_metadata', 'train_sft']
 
 # %% ../nbs/07_sft.ipynb #c3840b39
 @dataclass
@@ -40,7 +41,8 @@ class SFTJob(JobConfig):
     eval_split: str = ''              # held-out split for generative evaluation ('' for the dataset's own)
     max_train_examples: int = 0       # cap on training examples (0: all)
     max_eval_examples: int = 500      # cap on held-out examples scored before and after (0: all)
-    max_length: int = 256             # longest tokenized prompt+completion; longer ones are truncated
+    max_length: int = 256             # longest tokenized prompt+completion (truncated), or the packed row length
+    packing: bool = False             # pack examples into rows of max_length (split, not truncated; no attention across examples)
     num_train_epochs: float = 5.0     # passes over the training data
     max_steps: int = -1               # optimizer steps; overrides num_train_epochs when > 0
     batch_size: int = 32              # examples per device per step
@@ -116,7 +118,8 @@ class SFTJob(JobConfig):
         length = f"steps{self.max_steps}" if self.max_steps > 0 else f"ep{_fmt_num(self.num_train_epochs)}"
         lr = f"_lr{_fmt_num(self.lr)}" if self.lr else ''
         lora = f"_lora{self.lora_r}" if self.use_lora else ''
-        return f"sft_{m}_{d}{lora}{lr}_bs{self.batch_size * self.grad_accum}_{length}"
+        packed = '_packed' if self.packing else ''
+        return f"sft_{m}_{d}{lora}{packed}{lr}_bs{self.batch_size * self.grad_accum}_{length}"
 
     def continues_run(self) -> Path|None:
         "The run folder that resume_from_checkpoint continues, or None."
@@ -138,7 +141,7 @@ class SFTJob(JobConfig):
 BEST_METRICS = ('eval_loss', 'eval_mean_token_accuracy')
 # what must match for a run to be continued: the model, the data and how they are batched
 RESUME_FIELDS = ('model', 'dataset', 'dataset_config', 'datasets', 'configs', 'rates', 'mixture_strategy', 'data_dir', 'train_split',
-                 'max_train_examples', 'max_length', 'batch_size', 'grad_accum', 'seed', 'use_lora', 'lora_r', 'lora_alpha',
+                 'max_train_examples', 'max_length', 'packing', 'batch_size', 'grad_accum', 'seed', 'use_lora', 'lora_r', 'lora_alpha',
                  'lora_target_modules', 'load_in_4bit', 'load_in_8bit', 'moe_load_in_4bit', 'moe_load_in_8bit')
 
 # %% ../nbs/07_sft.ipynb #535005f8
@@ -152,10 +155,6 @@ class MetricsCallback(TrainerCallback):
 
 # %% ../nbs/07_sft.ipynb #68177356
 from trl import SFTTrainer
-
-def _inner_lm(model):
-    "The transformers model under a peft wrapper (LoRA layers injected in place), else the model itself."
-    return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
 class CompletionSFTTrainer(SFTTrainer):
     "TRL's SFTTrainer, projecting through the LM head only the positions that carry a label where TRL would not."
@@ -271,6 +270,32 @@ def seq2seq_features(ds, tokenizer, max_length:int):
     return ds.map(enc, batched=True, remove_columns=ds.column_names)
 
 # %% ../nbs/07_sft.ipynb #e06f5797
+def _common_prefix(a:list, b:list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y: break
+        n += 1
+    return n
+
+def tokenize_completions(ds,          # rows with prompt and completion
+                         tokenizer    # the model's tokenizer
+                        ):
+    "Tokenize prompt/completion rows as TRL's SFTTrainer does (completion + EOS), with labels -100 on the prompt."
+    eos = tokenizer.eos_token
+    def enc(b):
+        comp = [c if c.endswith(eos) else c + eos for c in b['completion']]
+        p_ids = tokenizer(b['prompt'])['input_ids']
+        ids = tokenizer([p + c for p, c in zip(b['prompt'], comp)])['input_ids']
+        return {'input_ids': ids, 'labels': [[-100] * (k := _common_prefix(p, x)) + x[k:] for p, x in zip(p_ids, ids)]}
+    return ds.map(enc, batched=True, remove_columns=ds.column_names, desc='tokenizing')
+
+def pack_sft_data(train_ds, held_ds, tokenizer, max_length:int):
+    "Packed (train, held-out) rows of prompt/completion data, and the training rows' PackingStats."
+    tr, st = pack_dataset(tokenize_completions(train_ds, tokenizer), max_length, columns=('labels',))
+    ev, _ = pack_dataset(tokenize_completions(held_ds, tokenizer), max_length, columns=('labels',))
+    return tr, ev, st
+
+# %% ../nbs/07_sft.ipynb #cdcb8cf3
 def _last_checkpoint(run_dir:Path) -> Path|None:
     cks = [p for p in (Path(run_dir)/'checkpoints').glob('checkpoint-*') if p.name.split('-')[-1].isdigit() and (p/'trainer_state.json').exists()]
     return max(cks, key=lambda p: int(p.name.split('-')[-1])) if cks else None
@@ -278,7 +303,7 @@ def _last_checkpoint(run_dir:Path) -> Path|None:
 def _same_run(job:SFTJob, saved:dict) -> list[str]:
     "The fields that differ between `job` and a run's saved config."
     d = job.to_dict()
-    return [k for k in RESUME_FIELDS if k in saved and saved[k] != d[k]]
+    return [k for k in getattr(job, 'resume_fields', RESUME_FIELDS) if k in saved and saved[k] != d[k]]
 
 def resume_point(job:SFTJob) -> tuple[Path, Path]|None:
     "(run folder, checkpoint folder) that `job.resume_from_checkpoint` names, or None; raises with the reason."
@@ -291,10 +316,10 @@ def resume_point(job:SFTJob) -> tuple[Path, Path]|None:
             for d in runs_root().glob('*/config.json'):
                 try: saved = json.loads(d.read_text())
                 except (OSError, json.JSONDecodeError): continue
-                if saved.get('job') == 'SFTJob' and not _same_run(job, saved): candidates.append(d.parent)
+                if saved.get('job') == type(job).__name__ and not _same_run(job, saved): candidates.append(d.parent)
         found = [(rd, ck) for rd in candidates if (ck := _last_checkpoint(rd))]
         if not found:
-            raise ConfigError(f"resume_from_checkpoint='latest' found no checkpoint of an SFT run of {job.model} on {job.data_name()} "
+            raise ConfigError(f"resume_from_checkpoint='latest' found no checkpoint of a {type(job).__name__} run of {job.model} on {job.data_name()} "
                               f"under {job.run_dir or runs_root()}.",
                               fix="pass the run folder or checkpoint folder to resume, or train with save_steps > 0 so runs leave checkpoints.")
         rd, ck = max(found, key=lambda t: (t[1].stat().st_mtime, int(t[1].name.split('-')[-1])))
@@ -315,7 +340,7 @@ def resume_point(job:SFTJob) -> tuple[Path, Path]|None:
                           fix="use the run's own settings for these fields (see its config.json), or start a new run.")
     return rd, ck
 
-# %% ../nbs/07_sft.ipynb #d19ee809
+# %% ../nbs/07_sft.ipynb #6f0cefab
 def planned_steps(n_train:int, batch_size:int, grad_accum:int, world_size:int, num_train_epochs:float, max_steps:int) -> int:
     "Optimizer steps the trainer will take: max_steps, or epochs x updates per epoch (each process reads its shard)."
     if max_steps > 0: return max_steps
@@ -334,7 +359,7 @@ def log_run_metadata(tb, job:JobConfig, facts:dict):
     tb.add_text('run/config', _md_table(job.to_dict()), 0)
     tb.flush()
 
-# %% ../nbs/07_sft.ipynb #4372b7b2
+# %% ../nbs/07_sft.ipynb #70e02a34
 def _log_generative(tb, res:dict, step:int):
     "The held-out generative scores of each source, as TensorBoard scalars at `step`."
     for k, m in res['per_source'].items():
@@ -380,18 +405,22 @@ def train_sft(job:SFTJob,        # the job to run
     train_ds, held_ds, specs, data_desc, data_notes = _prepare_data(job)
     lm = load_model(job.model, device=str(device), dtype='auto' if bits else 'fp32', attn_implementation=job.attn_implementation,
                     seed=job.seed, load_in_4bit=bits == '4bit', load_in_8bit=bits == '8bit')
+    if job.packing and lm.is_seq2seq:
+        raise ConfigError(f"packing=True packs rows for causal LMs, and {job.model} is an encoder-decoder.", fix="drop packing for T5/BART models.")
+    packed = pack_sft_data(train_ds, held_ds, lm.tokenizer, job.max_length) if job.packing else None
     model = add_lora(lm.model, job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_target_modules) if job.use_lora else lm.model
     params = trainable_summary(model)
     lr = job.lr or (1e-3 if lm.source.kind == 'preset' else 2e-4 if job.use_lora else 5e-5)
     ws = launch.world_size
-    steps = planned_steps(len(train_ds), job.batch_size, job.grad_accum, ws, job.num_train_epochs, job.max_steps)
+    steps = planned_steps(len(packed[0]) if packed else len(train_ds), job.batch_size, job.grad_accum, ws, job.num_train_epochs, job.max_steps)
     facts = {'model': job.model, 'architecture': lm.summary()['architecture'], **params, 'lora': job.use_lora,
              'quantization': bits or 'none', 'attn_implementation': lm.attn_implementation, 'device': str(device),
              'precision': dtype_name(get_dtype(job.dtype, device)), 'weights_dtype': str(lm.dtype).replace('torch.', ''),
              'world_size': ws, 'effective_batch': job.batch_size * ws * job.grad_accum, 'steps_planned': steps,
              'token_budget': job.batch_size * job.max_length * steps * ws * job.grad_accum, 'data': data_desc,
              'sources': ', '.join(specs), 'rates': ', '.join(map(str, job.rates)) if job.rates else '1', 'n_train': len(train_ds),
-             'n_eval': len(held_ds)}
+             'n_eval': len(held_ds), 'packing': job.packing}
+    if packed: facts.update(packed_rows=packed[2].n_rows, packing_efficiency=round(packed[2].efficiency, 4))
     # 2. the run
     run_dir = _open_run(job, launch, resume, device)
     main = launch.is_main
@@ -403,6 +432,7 @@ def train_sft(job:SFTJob,        # the job to run
             f"{params['trainable_pct']:.2f}%) on {device}, attention {lm.attn_implementation}: {lm.attn_reason}")
         if ws > 1: say(f"processes: {ws}, effective batch {facts['effective_batch']} ({job.batch_size} x {ws} x {job.grad_accum})")
         say(f"data: {data_desc}" + ''.join(f"\n  note: {n}" for n in data_notes + ([quant_note] if quant_note else [])))
+        if packed: say(f"packing: {packed[2]}")
         evaluate = lambda: generative_eval(model, lm.tokenizer, held_ds, specs, max_new_tokens=job.eval_max_new_tokens or None,
                                            batch_size=job.eval_batch_size)
         one = lambda res: res if len(specs) > 1 else next(iter(res['per_source'].values()))   # one source: its own metrics (macro-F1, ...)
@@ -437,10 +467,12 @@ def train_sft(job:SFTJob,        # the job to run
                                      eval_dataset=feats(held_ds), processing_class=lm.tokenizer, callbacks=cbs,
                                      data_collator=DataCollatorForSeq2Seq(lm.tokenizer, model=model, label_pad_token_id=-100))
         else:
-            trainer = CompletionSFTTrainer(model=model, args=SFTConfig(**common, max_length=job.max_length, completion_only_loss=True),
-                                           train_dataset=train_ds.select_columns(['prompt', 'completion']),
-                                           eval_dataset=held_ds.select_columns(['prompt', 'completion']), processing_class=lm.tokenizer,
-                                           callbacks=cbs)
+            if packed:
+                enable_packed_attention(model)
+                data = dict(train_dataset=packed[0], eval_dataset=packed[1], data_collator=PackedCollator(lm.tokenizer.pad_token_id))
+            else: data = dict(train_dataset=train_ds.select_columns(['prompt', 'completion']), eval_dataset=held_ds.select_columns(['prompt', 'completion']))
+            trainer = CompletionSFTTrainer(model=model, args=SFTConfig(**common, max_length=None if packed else job.max_length, completion_only_loss=True),
+                                           processing_class=lm.tokenizer, callbacks=cbs, **data)
         if quiet or not main:
             from transformers.trainer_callback import PrinterCallback
             trainer.remove_callback(PrinterCallback)
@@ -479,7 +511,8 @@ def train_sft(job:SFTJob,        # the job to run
             'steps': out.global_step, 'lr': lr, 'train_runtime_s': round(train_time, 2),
             'steps_per_s': round(out.global_step / max(train_time, 1e-9), 2), 'wall_time_s': round(time.time() - t_start, 2),
             **lm.summary(), **params, **{k: facts[k] for k in ('precision', 'world_size', 'effective_batch', 'token_budget', 'quantization')},
-            'resumed_from': str(resume[1]) if resume else None,
+            'resumed_from': str(resume[1]) if resume else None, 'packing': job.packing,
+            **({'packed_rows': facts['packed_rows'], 'packing_efficiency': facts['packing_efficiency']} if packed else {}),
             'best_checkpoint': trainer.state.best_model_checkpoint, 'best_metric': trainer.state.best_metric,
             'samples_after': after['samples'][:5],
         }
