@@ -533,6 +533,13 @@ class PackedCache(torch.utils.data.Dataset):
     def shard(self, k:int) -> np.ndarray:
         "Shard `k` decoded: a read-only [n, seq_len] array (from the LRU when it is there)."
         if k in self._lru: self.hits += 1; self._lru.move_to_end(k); return self._lru[k]
+        arr = self._load(k)
+        self._lru[k] = arr
+        while len(self._lru) > self.lru_size: self._lru.popitem(last=False)
+        return arr
+
+    def _load(self, k:int) -> np.ndarray:
+        "Read and decode shard `k` (checked against its checksum when `check`), bypassing the LRU."
         e = self.manifest['shards'][k]
         data = (self.cache_dir/e['file']).read_bytes()
         arr = decode_shard(data, self.dtype, self.seq_len, e['sequences'], f"shard {k} of {str(self.cache_dir)!r}")
@@ -540,8 +547,6 @@ class PackedCache(torch.utils.data.Dataset):
         if self.check and _sha(data) != e['sha256'] and _sha(arr.tobytes()) != e['data_sha256']:
             raise DatasetError(f"Shard {k} of {str(self.cache_dir)!r} does not match its checksum.", fix="run llmwb.cache.fill_gaps(cache_dir).")
         self.decodes += 1
-        self._lru[k] = arr
-        while len(self._lru) > self.lru_size: self._lru.popitem(last=False)
         return arr
 
     def shard_tokens(self, k:int) -> np.ndarray:
@@ -572,6 +577,31 @@ class PackedCache(torch.utils.data.Dataset):
     def get_batch(self, indices) -> torch.Tensor:
         "Sequences `indices` as a LongTensor [len(indices), seq_len]."
         return torch.from_numpy(self.numpy_batch(indices).astype(np.int64))
+
+    def batches(self,
+                batch_size:int,          # sequences per batch
+                seed:int=0,              # shuffling seed
+                epoch:int=0,             # the epoch
+                drop_last:bool=False):   # drop a last, smaller batch
+        "One epoch of shuffled LongTensor batches [batch_size, seq_len] in `ShardShuffleSampler`'s order; the next group of shards decodes in a thread."
+        from concurrent.futures import ThreadPoolExecutor
+        groups, pending = list(ShardShuffleSampler(self, seed, epoch).groups()), None
+        load = lambda shards: [self._load(int(k)) for k in shards]
+        with ThreadPoolExecutor(1) as ex:   # the next group decodes (lz4 releases the GIL) while this one is gathered
+            fut = ex.submit(load, groups[0][0]) if groups else None
+            for g, (shards, idx) in enumerate(groups):
+                arrs = fut.result()
+                if g + 1 < len(groups): fut = ex.submit(load, groups[g + 1][0])
+                ks = np.searchsorted(self.starts, idx, side='right') - 1
+                rows = np.empty((len(idx), self.seq_len), dtype=self.dtype)
+                for k, a in zip(shards, arrs):
+                    m = ks == k
+                    rows[m] = a[idx[m] - self.starts[k]]
+                if pending is not None: rows = np.concatenate([pending, rows])
+                n = len(rows) // batch_size * batch_size
+                for i in range(0, n, batch_size): yield torch.from_numpy(rows[i:i + batch_size].astype(np.int64))
+                pending = rows[n:]
+        if pending is not None and len(pending) and not drop_last: yield torch.from_numpy(pending.astype(np.int64))
 
     def __getitem__(self, i:int) -> dict:
         k, j = self.locate(int(i))
@@ -607,13 +637,17 @@ class ShardShuffleSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch:int): self.epoch = epoch
 
-    def order(self) -> np.ndarray:
-        "The whole epoch's order (all processes)."
+    def groups(self):
+        "The epoch as (shards, their sequence indices shuffled together) pairs, in order."
         rng = np.random.default_rng([self.seed, self.epoch])
-        shards, parts = rng.permutation(self.ds.n_shards), []
+        shards = rng.permutation(self.ds.n_shards)
         for i in range(0, len(shards), self.group_size):
             idx = np.concatenate([np.arange(self.ds.starts[k], self.ds.starts[k + 1]) for k in shards[i:i + self.group_size]])
-            rng.shuffle(idx); parts.append(idx)
+            rng.shuffle(idx); yield shards[i:i + self.group_size], idx
+
+    def order(self) -> np.ndarray:
+        "The whole epoch's order (all processes)."
+        parts = [idx for _, idx in self.groups()]
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def __len__(self): return len(self.ds) // self.world_size

@@ -10,9 +10,10 @@ import torch
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['VARLEN_IMPLS', 'bfd_bins', 'PackingStats', 'pack_dataset', 'seq_lengths_from_boundaries', 'PackedCollator',
-           'segment_ids', 'block_causal_mask', 'packed_attention_mask', 'is_packed', 'enable_packed_attention',
-           'disable_packed_attention', 'contamination_gap', 'padding_efficiency', 'long_tailed_lengths']
+__all__ = ['VARLEN_IMPLS', 'PACKED_SDPA', 'bfd_bins', 'PackingStats', 'pack_dataset', 'seq_lengths_from_boundaries',
+           'PackedCollator', 'segment_ids', 'block_causal_mask', 'packed_attention_mask', 'is_packed', 'segment_runs',
+           'varlen_sdpa_attention', 'enable_packed_attention', 'disable_packed_attention', 'contamination_gap',
+           'padding_efficiency', 'long_tailed_lengths']
 
 # %% ../nbs/02_packing.ipynb #b90fa1f1
 def bfd_bins(lengths,            # the length of every item
@@ -174,36 +175,73 @@ def is_packed(position_ids:torch.Tensor, attention_mask:torch.Tensor|None=None) 
     return bool((seg.amax(-1) > 0).any())
 
 # %% ../nbs/02_packing.ipynb #cc6346aa
+PACKED_SDPA = 'llmwb_sdpa_varlen'
+
+def segment_runs(seg:torch.Tensor) -> list[list[tuple[int, int]]]:
+    "(start, end) of each run of equal segment ids in each row (padding is one more run)."
+    out = []
+    for row in seg.tolist():
+        cuts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
+        out.append(list(zip(cuts[:-1], cuts[1:])))
+    return out
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout:float=0.0, scaling=None, llmwb_segments=None, **kwargs):
+    "transformers' sdpa attention, computed example by example when the batch is packed (`llmwb_segments`)."
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if llmwb_segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    gqa = key.shape[1] != query.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = [torch.cat([sdpa(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout, scale=scaling,
+                            is_causal=True, enable_gqa=gqa) for s, e in runs], dim=2) for b, runs in enumerate(llmwb_segments)]
+    return torch.cat(rows, 0).transpose(1, 2).contiguous(), None
+
+def _register_varlen():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register(PACKED_SDPA, varlen_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+# %% ../nbs/02_packing.ipynb #ffbc8a51
 def _inner_lm(model):
     "The transformers model under a peft wrapper (LoRA layers injected in place), else the model itself."
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
 def _backbone(model):
     inner = _inner_lm(getattr(model, 'module', model))   # DDP wraps in .module
-    return getattr(inner, 'base_model', inner)
+    return inner, getattr(inner, 'base_model', inner)
 
-def enable_packed_attention(model) -> torch.nn.Module:
+def _passes_kwargs(m) -> bool:
+    import inspect
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(m.forward).parameters.values())
+
+def enable_packed_attention(model, varlen:bool=True  # on sdpa, compute attention per example (False: the block mask)
+                           ) -> torch.nn.Module:
     "Make `model` keep attention inside each packed example on any backend; returns the module the hook sits on."
-    bb = _backbone(model)
+    inner, bb = _backbone(model)
     if getattr(bb, '_llmwb_packed_hook', None) is not None: return bb
+    if varlen and inner.config._attn_implementation == 'sdpa' and _passes_kwargs(bb):
+        _register_varlen(); inner.set_attn_implementation(PACKED_SDPA)
     def hook(mod, args, kwargs):
         pos, am = kwargs.get('position_ids'), kwargs.get('attention_mask')
         if pos is None or kwargs.get('past_key_values') is not None or (am is not None and am.ndim != 2): return None
         if pos.shape[0] == 1 and am is not None and am.shape[0] > 1: pos = pos.expand(am.shape[0], -1)
         if not is_packed(pos, am): return None
         impl = mod.config._attn_implementation
+        if impl == PACKED_SDPA: return args, {**kwargs, 'position_ids': pos, 'llmwb_segments': segment_runs(segment_ids(pos, am))}
         dt = next((p.dtype for p in mod.parameters() if p.is_floating_point()), torch.float32)
         return args, {**kwargs, 'attention_mask': packed_attention_mask(pos, am, impl, dt), 'position_ids': pos}
     bb._llmwb_packed_hook = bb.register_forward_pre_hook(hook, with_kwargs=True)
     return bb
 
 def disable_packed_attention(model):
-    "Remove the hook `enable_packed_attention` installed (no-op if none)."
-    bb = _backbone(model)
+    "Remove what `enable_packed_attention` installed (no-op if nothing)."
+    inner, bb = _backbone(model)
     h = getattr(bb, '_llmwb_packed_hook', None)
     if h is not None: h.remove(); bb._llmwb_packed_hook = None
+    if inner.config._attn_implementation == PACKED_SDPA: inner.set_attn_implementation('sdpa')
 
-# %% ../nbs/02_packing.ipynb #3f9cb49a
+# %% ../nbs/02_packing.ipynb #fdf79acf
 def contamination_gap(model,                  # a causal LM
                       example:list[int],      # the example whose logits are compared
                       neighbours:list[list[int]]  # examples packed before (first) and after (the rest) it
@@ -218,7 +256,7 @@ def contamination_gap(model,                  # a causal LM
         packed = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits[0, s:s + n]
     return float((alone - packed).abs().max())
 
-# %% ../nbs/02_packing.ipynb #84c61ec6
+# %% ../nbs/02_packing.ipynb #eda96baf
 def padding_efficiency(lengths,              # example lengths, in batch order
                        batch_size:int,        # examples per batch
                        max_length:int|None=None  # truncation length (None: none)

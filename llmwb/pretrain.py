@@ -8,15 +8,13 @@ import json, math, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import matplotlib.pyplot as plt
-from .core import (JobConfig, ConfigError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype, dtype_name, plot_metrics,
-                        set_seed, ATTN_IMPLS, atomic_write, check_launch, launch_info)
+from .core import (JobConfig, ConfigError, MetricsLog, RunResult, _fmt_num, get_dtype, dtype_name, plot_metrics,
+                        set_seed, ATTN_IMPLS, atomic_write)
 from .registry import load_task, get_spec
-from .models import load_model, resolve_model_source, trainable_summary
+from .models import load_model, trainable_summary
 from .packing import pack_dataset, PackedCollator, PackingStats, enable_packed_attention, _chunks
-from .sft import MetricsCallback, resume_point, planned_steps, log_run_metadata, _open_run, _precision
+from .sft import MetricsCallback, resume_point, planned_steps, log_run_metadata, _open_run, _preflight
 
 # %% auto #0
 __all__ = ['PretrainJob', 'tokenize_documents', 'CacheRows', 'CacheRowsSampler', 'train_pretrain']
@@ -145,11 +143,7 @@ def train_pretrain(job:PretrainJob,       # the job to run
     from transformers.integrations import TensorBoardCallback
     from torch.utils.tensorboard import SummaryWriter
     t_start = time.time()
-    launch = launch_info()
-    device = check_launch(get_device(job.device), launch, job.multi_gpu)
-    precision = _precision(job, device)
-    resolve_model_source(job.model)
-    resume = resume_point(job)
+    launch, device, precision, resume = _preflight(job)   # bad input fails before anything is loaded or written
     lm = load_model(job.model, device=str(device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
     if lm.is_seq2seq:
         raise ConfigError(f"{job.model} is an encoder-decoder; pretrain trains causal LMs on next-token loss.",

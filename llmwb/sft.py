@@ -386,6 +386,14 @@ def _open_run(job:SFTJob, launch:Launch, resume, device:torch.device) -> Path:
     if box[0].startswith('!'): raise LlmwbError(f"rank 0 could not open the run folder: {box[0][1:]}")
     return Path(box[0])
 
+def _preflight(job:JobConfig) -> tuple:
+    "(launch, device, precision flags, resume point) of a trainer job, checked before anything is loaded or written."
+    launch = launch_info()
+    device = check_launch(get_device(job.device), launch, job.multi_gpu)
+    precision = _precision(job, device)
+    resolve_model_source(job.model)  # an unknown model fails here, before the data are loaded
+    return launch, device, precision, resume_point(job)
+
 def train_sft(job:SFTJob,        # the job to run
               quiet:bool=False,   # hide progress bars and prints
               callbacks:list|None=None  # extra transformers TrainerCallbacks
@@ -396,11 +404,7 @@ def train_sft(job:SFTJob,        # the job to run
     from torch.utils.tensorboard import SummaryWriter
     t_start = time.time()
     # 1. everything that can fail on bad input happens before the run folder exists
-    launch = launch_info()
-    device = check_launch(get_device(job.device), launch, job.multi_gpu)
-    precision = _precision(job, device)
-    resolve_model_source(job.model)  # an unknown model fails here, before the data are loaded
-    resume = resume_point(job)
+    launch, device, precision, resume = _preflight(job)
     bits, quant_note = _quantization(job)
     train_ds, held_ds, specs, data_desc, data_notes = _prepare_data(job)
     lm = load_model(job.model, device=str(device), dtype='auto' if bits else 'fp32', attn_implementation=job.attn_implementation,

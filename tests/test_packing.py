@@ -18,13 +18,15 @@ def _tiny(arch, impl):
 
 @pytest.mark.parametrize('arch', ['gpt2', 'llama'])
 @pytest.mark.parametrize('impl', ['sdpa', 'eager'])
-def test_packed_logits_equal_logits_alone(arch, impl):
-    "Every example of a packed row has the logits it has alone (atol 1e-4, fp32); without the mask they differ."
+@pytest.mark.parametrize('varlen', [True, False])
+def test_packed_logits_equal_logits_alone(arch, impl, varlen):
+    "Every example of a packed row has the logits it has alone (atol 1e-4, fp32), by varlen sdpa or the block mask; with neither they differ."
     m = _tiny(arch, impl)
     g = torch.Generator().manual_seed(0)
     exs = [torch.randint(1, 300, (int(n),), generator=g).tolist() for n in torch.randint(5, 60, (6,), generator=g)]
     leak = contamination_gap(m, exs[2], [exs[0] + exs[1], exs[3]])
-    enable_packed_attention(m)
+    enable_packed_attention(m, varlen=varlen)
+    assert m.config._attn_implementation == ('llmwb_sdpa_varlen' if varlen and impl == 'sdpa' else impl)
     for i, ex in enumerate(exs):   # each example in turn, after and before the others
         others = exs[:i] + exs[i + 1:]
         gap = contamination_gap(m, ex, [sum(others[:2], []), *others[2:]])
