@@ -287,7 +287,7 @@ def default_cache_dir(dataset:str,           # as given to build_cache
     return root/f"{slugify('-'.join(parts))}_{slugify(str(tokenizer).rstrip('/').split('/')[-1])}_L{seq_len}"
 
 # %% ../nbs/03_cache.ipynb #cceb529f
-_MUST_MATCH = {'seq_len': 'seq_len', 'shard_size': 'shard_size', 'compression_level': 'compression_level'}
+_MUST_MATCH = ('seq_len', 'shard_size', 'compression_level')
 
 def _check_compatible(man:dict, want:dict, cache_dir):
     "Refuse to add to a cache made with another tokenizer, seq_len, shard size, compression level or source."
@@ -360,9 +360,9 @@ def build_cache(cache_dir,                    # the cache folder (created if nee
 def _grow(cache_dir, man, src, tok, target, batch_rows, progress, on_shard, t0):
     L, S, dt = man['seq_len'], man['shard_size'], np.dtype(man['dtype'])
     shards = man['shards']
-    if shards and shards[-1]['sequences'] < S: start = tuple(shards[-1]['start'])   # a short last shard is rebuilt full
-    else: start = (man['position']['row'], man['position']['offset'])
-    kept = list(shards[:-1] if shards and shards[-1]['sequences'] < S else shards)
+    short = bool(shards) and shards[-1]['sequences'] < S   # a short last shard is rebuilt full
+    start = tuple(shards[-1]['start']) if short else (man['position']['row'], man['position']['offset'])
+    kept = list(shards[:-1] if short else shards)
     have, n_bytes = sum(e['sequences'] for e in kept), sum(e['bytes'] for e in kept)
     nothing = ((target and man['sequences'] >= target) or   # a cache never shrinks
                (man['source_exhausted'] and src.total_rows == man['source'].get('total_rows')))   # no new rows since

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_packing.ipynb #70cb26e5
 from __future__ import annotations
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 import numpy as np
 import torch
 from .core import ConfigError
@@ -179,11 +179,11 @@ PACKED_SDPA = 'llmwb_sdpa_varlen'
 
 def segment_runs(seg:torch.Tensor) -> list[list[tuple[int, int]]]:
     "(start, end) of each run of equal segment ids in each row (padding is one more run)."
-    out = []
-    for row in seg.tolist():
-        cuts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1]] + [len(row)]
-        out.append(list(zip(cuts[:-1], cuts[1:])))
-    return out
+    B, L = seg.shape
+    change = (seg[:, 1:] != seg[:, :-1]).nonzero().tolist()   # (row, i): a new run starts at i + 1
+    cuts = [[0] for _ in range(B)]
+    for b, i in change: cuts[b].append(i + 1)
+    return [list(zip(c, c[1:] + [L])) for c in cuts]
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout:float=0.0, scaling=None, llmwb_segments=None, **kwargs):
     "transformers' sdpa attention, computed example by example when the batch is packed (`llmwb_segments`)."
@@ -226,9 +226,10 @@ def enable_packed_attention(model, varlen:bool=True  # on sdpa, compute attentio
         pos, am = kwargs.get('position_ids'), kwargs.get('attention_mask')
         if pos is None or kwargs.get('past_key_values') is not None or (am is not None and am.ndim != 2): return None
         if pos.shape[0] == 1 and am is not None and am.shape[0] > 1: pos = pos.expand(am.shape[0], -1)
-        if not is_packed(pos, am): return None
+        seg = segment_ids(pos, am)
+        if not (seg.amax(-1) > 0).any(): return None        # one sequence per row: nothing to keep apart
         impl = mod.config._attn_implementation
-        if impl == PACKED_SDPA: return args, {**kwargs, 'position_ids': pos, 'llmwb_segments': segment_runs(segment_ids(pos, am))}
+        if impl == PACKED_SDPA: return args, {**kwargs, 'position_ids': pos, 'llmwb_segments': segment_runs(seg)}
         dt = next((p.dtype for p in mod.parameters() if p.is_floating_point()), torch.float32)
         return args, {**kwargs, 'attention_mask': packed_attention_mask(pos, am, impl, dt), 'position_ids': pos}
     bb._llmwb_packed_hook = bb.register_forward_pre_hook(hook, with_kwargs=True)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_pretrain.ipynb #6d136224
 from __future__ import annotations
-import json, math, time, warnings
+import json, math, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,22 +164,19 @@ def train_pretrain(job:PretrainJob,       # the job to run
         train_data, eval_data = CacheRows(cache, n_eval), CacheRows(cache, 0, n_eval)
         seq_len, stats = cache.seq_len, None
         collator = PackedCollator(tok.pad_token_id, boundary_token=cache.eos_id if job.packing else None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            sw = smart_warmup(man, job.warmup, job.batch_size, job.grad_accum, ws, job.num_train_epochs)
-        warmup_steps, warm_note = sw['warmup_steps'], ' '.join(str(w.message) for w in caught)
-        for w in caught: warnings.warn(w.message)
+        sw = smart_warmup(man, job.warmup, job.batch_size, job.grad_accum, ws, job.num_train_epochs)   # warns when too long
         data_desc = f"cache {job.cache_dir}: {len(cache):,} sequences of {seq_len} ({sw['basis']}); {n_eval} held out"
     else:
         td = load_task(job.dataset, job.dataset_config or None, mode='pretrain', max_train=job.max_train_examples or None,
                        max_eval=job.max_eval_examples or None, seed=job.seed, data_dir=job.data_dir or None, train_split=job.train_split or None)
         (train_data, stats), (eval_data, _) = (tokenize_documents(d, tok, job.max_length, job.packing) for d in (td.train, td.eval))
-        seq_len, collator, warm_note = job.max_length, PackedCollator(tok.pad_token_id), ''
-        total = planned_steps(len(train_data), job.batch_size, job.grad_accum, ws, job.num_train_epochs, job.max_steps)
-        warmup_steps = int(round(job.warmup * total)) if job.warmup < 1 else int(job.warmup)
+        seq_len, collator, sw = job.max_length, PackedCollator(tok.pad_token_id), None
         data_desc = f"{td.spec.key}: {len(td.train):,} documents -> {len(train_data):,} rows of {seq_len}; {len(td.eval):,} held out"
     if job.packing: enable_packed_attention(lm.model)
     steps = planned_steps(len(train_data), job.batch_size, job.grad_accum, ws, job.num_train_epochs, job.max_steps)
+    # a cache sizes warmup for its estimated full source; text for the steps planned
+    warmup_steps = sw['warmup_steps'] if sw else int(round(job.warmup * steps)) if job.warmup < 1 else int(job.warmup)
+    ppl = lambda loss: math.exp(min(loss, 50))
     params = trainable_summary(lm.model)
     lr = job.lr or (1e-3 if lm.source.kind == 'preset' else 5e-5)
     facts = {'model': job.model, 'architecture': lm.summary()['architecture'], **params, 'attn_implementation': lm.attn_implementation,
@@ -200,7 +197,7 @@ def train_pretrain(job:PretrainJob,       # the job to run
             if old.get('n_train_rows') != len(train_data):
                 say(f"the data grew: {old.get('n_train_rows'):,} -> {len(train_data):,} training rows; "
                     f"total steps {old.get('steps_planned'):,} -> {steps:,}")
-        say(f"steps: {steps:,} ({per_step} rows of {seq_len} per step), warmup {warmup_steps:,}" + (f"\n  note: {warm_note}" if warm_note else ''))
+        say(f"steps: {steps:,} ({per_step} rows of {seq_len} per step), warmup {warmup_steps:,}")
         if main: atomic_write(_facts_path(run_dir), json.dumps(facts, indent=1, default=str))
         set_seed(job.seed)
         args = TrainingArguments(
@@ -227,14 +224,13 @@ def train_pretrain(job:PretrainJob,       # the job to run
             if main: atomic_write(saved, json.dumps(before))
         if main and not resume:
             log_run_metadata(tb, job, facts)
-            tb.add_scalar('eval/perplexity', math.exp(min(before['eval_loss'], 50)), 0)
-        say(f"held-out loss {before['eval_loss']:.3f} (perplexity {math.exp(min(before['eval_loss'], 50)):,.1f}) before training")
+            tb.add_scalar('eval/perplexity', ppl(before['eval_loss']), 0)
+        say(f"held-out loss {before['eval_loss']:.3f} (perplexity {ppl(before['eval_loss']):,.1f}) before training")
         t0 = time.time()
         out = trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
         train_time = time.time() - t0
         after = trainer.evaluate()
         if not main: return RunResult(run_dir, {'status': 'completed', 'rank': launch.rank, 'steps': out.global_step}, lm.model, tok)
-        ppl = lambda l: math.exp(min(l, 50))
         tb.add_scalar('eval/perplexity', ppl(after['eval_loss']), out.global_step); tb.close()
         say(f"held-out loss {after['eval_loss']:.3f} (perplexity {ppl(after['eval_loss']):,.1f}) after {out.global_step:,} steps")
         if job.save_model: lm.model.save_pretrained(run_dir/'model'); tok.save_pretrained(run_dir/'model')
