@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import lz4.frame
+import xxhash
 import datasets
 from tqdm.auto import tqdm
 
@@ -23,8 +24,8 @@ from .registry import resolve_dataset, harmonize, _pick_split
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MANIFEST', 'DEFAULT_LEVEL', 'token_dtype', 'shard_name', 'tokenizer_fingerprint',
-           'tokenizer_info', 'encode_shard', 'decode_shard', 'CacheSource', 'token_rows', 'write_manifest',
-           'read_manifest', 'default_cache_dir', 'build_cache', 'verify', 'fill_gaps', 'PackedCache',
+           'tokenizer_info', 'encode_shard', 'decode_into', 'decode_shard', 'CacheSource', 'token_rows',
+           'write_manifest', 'read_manifest', 'default_cache_dir', 'build_cache', 'verify', 'fill_gaps', 'PackedCache',
            'ShardShuffleSampler', 'estimated_sequences', 'smart_warmup', 'CacheJob', 'run_build_cache']
 
 # %% ../nbs/03_cache.ipynb #fbf5c0fa
@@ -65,22 +66,71 @@ def tokenizer_info(tok,            # a transformers tokenizer
 
 # %% ../nbs/03_cache.ipynb #49d58388
 def encode_shard(arr:np.ndarray,             # [n, seq_len] token ids in the cache's dtype
-                 level:int=DEFAULT_LEVEL      # LZ4 frame compression level (0-16)
+                 level:int=DEFAULT_LEVEL,     # LZ4 frame compression level (0-16)
+                 checksum:bool=False          # LZ4's own content checksum (caches from before the manifest's xxh3 have it)
                 ) -> bytes:
     "The LZ4 frame of `arr`'s raw bytes (deterministic for a given level)."
-    return lz4.frame.compress(np.ascontiguousarray(arr).tobytes(), compression_level=level, content_checksum=True)
+    return lz4.frame.compress(np.ascontiguousarray(arr).tobytes(), compression_level=level, content_checksum=checksum)
+
+class _NativeLZ4:
+    "LZ4F_decompress of the LZ4 library python-lz4 bundles, through ctypes: it writes into a given buffer, GIL released."
+    def __init__(self):
+        import ctypes, lz4.frame._frame as ext, threading
+        c, sz, p = ctypes, ctypes.c_size_t, ctypes.POINTER
+        lib = c.CDLL(ext.__file__)   # raises where the extension does not export the symbols (then: the fallback)
+        lib.LZ4F_createDecompressionContext.argtypes, lib.LZ4F_createDecompressionContext.restype = [p(c.c_void_p), c.c_uint], sz
+        lib.LZ4F_decompress.argtypes = [c.c_void_p, c.c_void_p, p(sz), c.c_char_p, p(sz), c.c_void_p]
+        lib.LZ4F_decompress.restype = sz
+        lib.LZ4F_isError.argtypes, lib.LZ4F_isError.restype = [sz], c.c_uint
+        lib.LZ4F_getErrorName.argtypes, lib.LZ4F_getErrorName.restype = [sz], c.c_char_p
+        lib.LZ4F_resetDecompressionContext.argtypes, lib.LZ4F_resetDecompressionContext.restype = [c.c_void_p], None
+        self.lib, self.c, self._free, self._lock = lib, c, [], threading.Lock()   # contexts are reused, one per thread at a time
+
+    def __call__(self, data:bytes, out:np.ndarray) -> int:
+        lib, c = self.lib, self.c
+        with self._lock: ctx = self._free.pop() if self._free else None
+        if ctx is None:
+            ctx = c.c_void_p()
+            if lib.LZ4F_isError(lib.LZ4F_createDecompressionContext(c.byref(ctx), 100)): raise MemoryError('LZ4F_createDecompressionContext failed')
+        try:
+            lib.LZ4F_resetDecompressionContext(ctx)
+            dst, src = c.c_size_t(out.nbytes), c.c_size_t(len(data))
+            r = lib.LZ4F_decompress(ctx, out.ctypes.data, c.byref(dst), data, c.byref(src), None)
+        finally:
+            with self._lock: self._free.append(ctx)
+        if lib.LZ4F_isError(r): raise RuntimeError(lib.LZ4F_getErrorName(r).decode())
+        if r: raise RuntimeError(f'it decodes to more than the {out.nbytes:,} bytes expected' if src.value < len(data) else 'the frame is truncated')
+        if src.value < len(data): raise RuntimeError(f'{len(data) - src.value} bytes follow the frame')
+        return dst.value
+
+try: _native_lz4 = _NativeLZ4()
+except (OSError, AttributeError, ImportError): _native_lz4 = None
+
+def decode_into(data:bytes,     # an LZ4 frame
+                out:np.ndarray  # a C-contiguous buffer to write the decoded bytes into
+               ) -> int:
+    "Decode the LZ4 frame `data` into `out`, with no new memory; returns the bytes written."
+    if not out.flags.c_contiguous: raise ValueError('out must be C-contiguous')
+    if _native_lz4 is not None: return _native_lz4(data, out)
+    raw = lz4.frame.decompress(data)   # fallback: python-lz4's new bytes, copied
+    if len(raw) > out.nbytes: raise RuntimeError(f'it decodes to more than the {out.nbytes:,} bytes expected')
+    out.reshape(-1).view(np.uint8)[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return len(raw)
 
 def decode_shard(data:bytes,        # the file's bytes
                  dtype,             # the cache's dtype ('<u2' or '<u4')
                  seq_len:int,       # tokens per sequence
                  n:int=None,        # the sequences the manifest lists (None: all in the file)
-                 where:str='shard'  # what to call it in errors
+                 where:str='shard', # what to call it in errors
+                 out:np.ndarray=None # decode into this buffer (reused by a reader) instead of new memory
                 ) -> np.ndarray:
-    "The read-only [n, seq_len] array in shard bytes `data`."
-    try: raw = lz4.frame.decompress(data)
+    "The [n, seq_len] array in shard bytes `data` (read-only unless it is a view of `out`)."
+    try: raw = lz4.frame.decompress(data) if out is None else out.reshape(-1).view(np.uint8)[:decode_into(data, out)]
     except RuntimeError as e:
         raise DatasetError(f"{where} is corrupt: LZ4 could not decode it ({e}).", fix="run llmwb.cache.fill_gaps(cache_dir) to rebuild it.") from None
-    arr = np.frombuffer(raw, dtype=np.dtype(dtype))
+    if len(raw) % np.dtype(dtype).itemsize:
+        raise DatasetError(f"{where} is corrupt: it decodes to {len(raw)} bytes, not whole tokens.", fix="run llmwb.cache.fill_gaps(cache_dir) to rebuild it.")
+    arr = (np.frombuffer(raw, dtype=np.dtype(dtype)) if out is None else raw.view(np.dtype(dtype)))
     if arr.size % seq_len or (n is not None and arr.size // seq_len < n):
         raise DatasetError(f"{where} holds {arr.size} tokens, not {'a multiple of ' if n is None else f'{n} x '}{seq_len}.",
                            fix="run llmwb.cache.fill_gaps(cache_dir) to rebuild it.")
@@ -88,8 +138,9 @@ def decode_shard(data:bytes,        # the file's bytes
     return arr if n is None else arr[:n]
 
 def _sha(b) -> str: return hashlib.sha256(b).hexdigest()
+def _xxh(b) -> str: return xxhash.xxh3_64_hexdigest(b)
 
-# %% ../nbs/03_cache.ipynb #345c9d6a
+# %% ../nbs/03_cache.ipynb #58c6b71d
 class CacheSource:
     "One split of a dataset, read in batches of rows from any row on; `total_rows` is None when a stream does not say."
     def __init__(self,
@@ -147,7 +198,7 @@ class CacheSource:
         n = f"{self.total_rows:,} rows" if self.total_rows is not None else 'rows: unknown'
         return f"CacheSource({self.spec.key!r} [{self.split}], {'streamed' if self.streamed else 'arrow'}, {n})"
 
-# %% ../nbs/03_cache.ipynb #a7094b2c
+# %% ../nbs/03_cache.ipynb #4de25e2d
 def _encoder(tok):
     "A function from texts to lists of ids, through the fast backend when it adds nothing (no truncation or padding)."
     bk = getattr(tok, 'backend_tokenizer', None)
@@ -180,7 +231,7 @@ def token_rows(src:CacheSource,    # the source
         ends = np.cumsum(lens)
         for j in range(len(rows)): yield i0 + j, flat[ends[j] - lens[j]:ends[j]]
 
-# %% ../nbs/03_cache.ipynb #2e567614
+# %% ../nbs/03_cache.ipynb #7cad19d3
 def _pack(rows, start:tuple, seq_len:int, caps, dtype):
     """Yield (seqs, start, end, exhausted, tail) per shard from `rows` ((row, tokens) pairs beginning at start[0]).
     `caps` gives each shard's sequence count; when the rows run out, a last short shard (possibly empty) comes with
@@ -210,7 +261,7 @@ def _pack(rows, start:tuple, seq_len:int, caps, dtype):
         end = (r, p) if p < ln else (r + 1, 0)
     yield buf[:k * seq_len].reshape(k, seq_len), s_start, end, True, fill - k * seq_len
 
-# %% ../nbs/03_cache.ipynb #ac69aae9
+# %% ../nbs/03_cache.ipynb #c3405211
 def _now(): return datetime.datetime.now().isoformat(timespec='seconds')
 
 def _dump_manifest(man:dict) -> str:
@@ -242,7 +293,7 @@ def read_manifest(cache_dir,              # the cache folder
                            expected=f"format {FORMAT!r} version <= {FORMAT_VERSION}", fix="upgrade llmwb, or rebuild the cache.")
     return man
 
-# %% ../nbs/03_cache.ipynb #50c20629
+# %% ../nbs/03_cache.ipynb #cceb529f
 _SHARD_RE = re.compile(r'^shard_\d{5}\.lz4$')
 
 @contextlib.contextmanager
@@ -286,7 +337,7 @@ def default_cache_dir(dataset:str,           # as given to build_cache
     parts = [d] + [p for p in (config, split) if p]
     return root/f"{slugify('-'.join(parts))}_{slugify(str(tokenizer).rstrip('/').split('/')[-1])}_L{seq_len}"
 
-# %% ../nbs/03_cache.ipynb #cceb529f
+# %% ../nbs/03_cache.ipynb #b291fe7d
 _MUST_MATCH = ('seq_len', 'shard_size', 'compression_level')
 
 def _check_compatible(man:dict, want:dict, cache_dir):
@@ -308,15 +359,20 @@ def _check_compatible(man:dict, want:dict, cache_dir):
 
 def _new_manifest(want:dict) -> dict:
     return dict(format=FORMAT, version=FORMAT_VERSION, created=_now(), updated=_now(), **want, dtype=want['tokenizer']['dtype'],
-                eos_id=want['tokenizer']['eos_id'], sequences=0, tokens=0, position=dict(row=0, offset=0), rows_consumed=0,
+                eos_id=want['tokenizer']['eos_id'], frame_checksum=False, sequences=0, tokens=0, position=dict(row=0, offset=0), rows_consumed=0,
                 tail_tokens=0, target_sequences=0, complete=False, source_exhausted=False, shards=[])
+
+def _encode(man:dict, seqs:np.ndarray) -> tuple[bytes, dict]:
+    "A shard's bytes as this cache writes them, and the checksums the manifest lists for them."
+    data = encode_shard(seqs, man['compression_level'], man.get('frame_checksum', True))   # caches from before xxh3 keep LZ4's
+    return data, dict(bytes=len(data), sha256=_sha(data), xxh3=_xxh(data))
 
 def _totals(man:dict):
     man['sequences'] = sum(e['sequences'] for e in man['shards'])
     man['tokens'] = man['sequences'] * man['seq_len']
     man['bytes'] = sum(e['bytes'] for e in man['shards'])
 
-# %% ../nbs/03_cache.ipynb #b291fe7d
+# %% ../nbs/03_cache.ipynb #df8cef42
 def build_cache(cache_dir,                    # the cache folder (created if needed)
                 dataset:str|CacheSource='sample-imdb',  # catalogue name, sample-imdb, hub id, local path, or an open CacheSource
                 tokenizer='tiny-gpt2',        # a tokenizer, or a model preset / folder / hub id to load one from
@@ -382,8 +438,8 @@ def _grow(cache_dir, man, src, tok, target, batch_rows, progress, on_shard, t0):
         for seqs, s, e, exhausted, tail in _pack(rows, start, L, caps, dt):
             i, old = len(kept), None
             if len(seqs):
-                data = encode_shard(seqs, man['compression_level'])
-                entry = dict(file=shard_name(i), sequences=len(seqs), tokens=int(seqs.size), bytes=len(data), sha256=_sha(data),
+                data, sums = _encode(man, seqs)
+                entry = dict(file=shard_name(i), sequences=len(seqs), tokens=int(seqs.size), **sums,
                              data_sha256=_sha(seqs.tobytes()), start=list(s), end=list(e))
                 old = shards[i] if i < len(shards) else None
                 if not (old and old['sha256'] == entry['sha256'] and (cache_dir/entry['file']).exists()):
@@ -433,7 +489,7 @@ def _figures(man, stats, t0, build_s, src=None):
                  wall_s=round(time.time() - t0, 3))
     return stats
 
-# %% ../nbs/03_cache.ipynb #e470813f
+# %% ../nbs/03_cache.ipynb #257926dc
 def verify(cache_dir,             # the cache folder
            deep:bool=False,       # also decode every shard and check its array's checksum
            progress:bool=False    # show a progress bar
@@ -456,7 +512,7 @@ def verify(cache_dir,             # the cache folder
     return dict(ok=not (missing or corrupt), shards=len(man['shards']), sequences=man['sequences'], missing=missing,
                 corrupt=corrupt, problems=problems)
 
-# %% ../nbs/03_cache.ipynb #257926dc
+# %% ../nbs/03_cache.ipynb #fded825d
 def fill_gaps(cache_dir,            # the cache folder
               tokenizer=None,       # the tokenizer, or a name to load it by (None: the name in the manifest)
               data_dir=None,        # local mirror of hub datasets (None: the one the cache was built from)
@@ -495,23 +551,22 @@ def fill_gaps(cache_dir,            # the cache folder
                                        f"{len(seqs)} sequences, checksum {_sha(seqs.tobytes())[:12]} instead of {e['sequences']}, {e['data_sha256'][:12]}. "
                                        "The source changed since the cache was built.",
                                        fix="rebuild the cache from the current source (force_rebuild=True), or restore the source it was built from.")
-                data = encode_shard(seqs, man['compression_level'])
+                data, sums = _encode(man, seqs)
                 atomic_write(cache_dir/e['file'], data)
-                if _sha(data) != e['sha256']:        # same tokens, another lz4 build: record the new file
-                    e.update(sha256=_sha(data), bytes=len(data))
-                    _totals(man); write_manifest(cache_dir, man)
+                if any(e.get(k) != v for k, v in sums.items()):   # same tokens, another lz4 build: record the new file
+                    e.update(sums); _totals(man); write_manifest(cache_dir, man)
     return dict(repaired=todo, checked=rep['shards'])
 
-# %% ../nbs/03_cache.ipynb #0a108073
+# %% ../nbs/03_cache.ipynb #f129f50e
 class PackedCache(torch.utils.data.Dataset):
     "A packed-sequence cache as a torch Dataset: `ds[i]` is {'input_ids': LongTensor[seq_len]}."
     def __init__(self,
                  cache_dir,          # the cache folder
                  lru_size:int=8,     # decoded shards kept in memory
-                 check:bool=False):  # verify each shard's checksum when it is decoded
+                 check:bool=True):   # check each shard file against the manifest when it is read (xxh3: cheap)
         if lru_size < 1: raise ConfigError(f"lru_size must be >= 1, got {lru_size}.")
         self.cache_dir, self.lru_size, self.check = Path(cache_dir).expanduser(), lru_size, check
-        self._lru, self.decodes, self.hits = OrderedDict(), 0, 0
+        self._lru, self._buffers, self.decodes, self.hits = OrderedDict(), [], 0, 0
         self.refresh()
 
     def refresh(self) -> int:
@@ -538,16 +593,19 @@ class PackedCache(torch.utils.data.Dataset):
         while len(self._lru) > self.lru_size: self._lru.popitem(last=False)
         return arr
 
-    def _load(self, k:int) -> np.ndarray:
-        "Read and decode shard `k` (checked against its checksum when `check`), bypassing the LRU."
+    def _load(self, k:int, out:np.ndarray=None) -> np.ndarray:
+        "Read and decode shard `k` (into `out` if given), bypassing the LRU; checked against the manifest when `check`."
         e = self.manifest['shards'][k]
         data = (self.cache_dir/e['file']).read_bytes()
-        arr = decode_shard(data, self.dtype, self.seq_len, e['sequences'], f"shard {k} of {str(self.cache_dir)!r}")
+        where = f"shard {k} of {str(self.cache_dir)!r}"
         # a file that differs may still be right: a short last shard that a build is growing keeps its first sequences
-        if self.check and _sha(data) != e['sha256'] and _sha(arr.tobytes()) != e['data_sha256']:
-            raise DatasetError(f"Shard {k} of {str(self.cache_dir)!r} does not match its checksum.", fix="run llmwb.cache.fill_gaps(cache_dir).")
+        differs = self.check and (_xxh(data) != e['xxh3'] if 'xxh3' in e else _sha(data) != e['sha256'])
+        if differs and len(data) >= e['bytes']:
+            try: differs = _sha(decode_shard(data, self.dtype, self.seq_len, e['sequences'], where).tobytes()) != e['data_sha256']
+            except DatasetError: pass
+        if differs: raise DatasetError(f"{where} does not match its checksum.", fix="run llmwb.cache.fill_gaps(cache_dir).")
         self.decodes += 1
-        return arr
+        return decode_shard(data, self.dtype, self.seq_len, e['sequences'], where, out)
 
     def shard_tokens(self, k:int) -> np.ndarray:
         "Shard `k` as one flat, contiguous, read-only token array (no memmap), e.g. for a from-scratch trainer."
@@ -582,26 +640,48 @@ class PackedCache(torch.utils.data.Dataset):
                 batch_size:int,          # sequences per batch
                 seed:int=0,              # shuffling seed
                 epoch:int=0,             # the epoch
-                drop_last:bool=False):   # drop a last, smaller batch
-        "One epoch of shuffled LongTensor batches [batch_size, seq_len] in `ShardShuffleSampler`'s order; the next group of shards decodes in a thread."
+                drop_last:bool=False,    # drop a last, smaller batch
+                workers:int=0):          # threads decoding the next group while this one is gathered (0: none)
+        """One epoch of shuffled LongTensor batches [batch_size, seq_len] in `ShardShuffleSampler`'s order. Each group of
+        shards is decoded into a buffer the cache reuses, then gathered into batches while it is still in the CPU's cache.
+        With `workers`, threads decode the next group into a second buffer meanwhile (for a main thread that waits on
+        an accelerator; on a busy 2-core machine it was slower)."""
         from concurrent.futures import ThreadPoolExecutor
-        groups, pending = list(ShardShuffleSampler(self, seed, epoch).groups()), None
-        load = lambda shards: [self._load(int(k)) for k in shards]
-        with ThreadPoolExecutor(1) as ex:   # the next group decodes (lz4 releases the GIL) while this one is gathered
-            fut = ex.submit(load, groups[0][0]) if groups else None
-            for g, (shards, idx) in enumerate(groups):
-                arrs = fut.result()
-                if g + 1 < len(groups): fut = ex.submit(load, groups[g + 1][0])
-                ks = np.searchsorted(self.starts, idx, side='right') - 1
-                rows = np.empty((len(idx), self.seq_len), dtype=self.dtype)
-                for k, a in zip(shards, arrs):
-                    m = ks == k
-                    rows[m] = a[idx[m] - self.starts[k]]
-                if pending is not None: rows = np.concatenate([pending, rows])
-                n = len(rows) // batch_size * batch_size
-                for i in range(0, n, batch_size): yield torch.from_numpy(rows[i:i + batch_size].astype(np.int64))
-                pending = rows[n:]
-        if pending is not None and len(pending) and not drop_last: yield torch.from_numpy(pending.astype(np.int64))
+        groups = list(ShardShuffleSampler(self, seed, epoch).groups())
+        if not groups: return
+        cap = max(int(self.counts[s].sum()) for s, _ in groups)
+        bufs = [self._buffers.pop() if self._buffers else None for _ in range(2)]   # a second reader at once gets its own
+        bufs = [b if b is not None and len(b) >= cap else np.empty((cap, self.seq_len), self.dtype) for b in bufs]
+        def load(ex, g):   # shard j of group g goes to rows slot[j]: of buffer g % 2; returns slot and the decodes' futures
+            shards, buf = groups[g][0], bufs[g % 2]
+            slot = np.concatenate([[0], np.cumsum(self.counts[shards])])
+            run = ex.submit if ex else lambda f, *a: f(*a)
+            return slot, [run(self._load, int(k), buf[slot[j]:slot[j + 1]]) for j, k in enumerate(shards)]
+        pending = np.empty((0, self.seq_len), self.dtype)
+        try:
+            with (ThreadPoolExecutor(workers) if workers else contextlib.nullcontext()) as ex:
+                nxt = load(ex, 0) if ex else None
+                for g, (shards, idx) in enumerate(groups):
+                    buf = bufs[g % 2]
+                    if ex:
+                        slot, futs = nxt
+                        for f in futs: f.result()
+                        if g + 1 < len(groups): nxt = load(ex, g + 1)   # into the other buffer, whose rows were all copied out
+                    else: slot, _ = load(None, g)
+                    ks = np.searchsorted(self.starts, idx, side='right') - 1
+                    where = np.empty(self.n_shards, np.int64); where[shards] = slot[:-1] - self.starts[shards]
+                    rows = idx + where[ks]                 # each sequence's row in the buffer
+                    i = 0
+                    if len(pending):                       # a batch that began in an earlier group
+                        i = min(batch_size - len(pending), len(rows))
+                        pending = np.concatenate([pending, buf[rows[:i]]])
+                        if len(pending) < batch_size: continue
+                        yield torch.from_numpy(pending.astype(np.int64))
+                    n = i + (len(rows) - i) // batch_size * batch_size
+                    for j in range(i, n, batch_size): yield torch.from_numpy(buf[rows[j:j + batch_size]].astype(np.int64))
+                    pending = buf[rows[n:]]                # a copy: the buffer is refilled
+        finally: self._buffers.extend(bufs)   # after the threads are done with them
+        if len(pending) and not drop_last: yield torch.from_numpy(pending.astype(np.int64))
 
     def __getitem__(self, i:int) -> dict:
         k, j = self.locate(int(i))
@@ -612,13 +692,13 @@ class PackedCache(torch.utils.data.Dataset):
         return [{'input_ids': r} for r in self.get_batch(list(indices))]
 
     def __getstate__(self):   # DataLoader workers get the cache without its decoded shards
-        d = self.__dict__.copy(); d['_lru'] = OrderedDict(); return d
+        d = self.__dict__.copy(); d['_lru'], d['_buffers'] = OrderedDict(), []; return d
 
     def __repr__(self):
         return (f"PackedCache({str(self.cache_dir)!r}: {len(self):,} sequences x {self.seq_len} tokens in {self.n_shards} shards, "
                 f"{self.dtype.name}, lru {self.lru_size})")
 
-# %% ../nbs/03_cache.ipynb #acc7b8cd
+# %% ../nbs/03_cache.ipynb #b7f70517
 class ShardShuffleSampler(torch.utils.data.Sampler):
     "Indices of a PackedCache, shards permuted and sequences shuffled within groups of `group_size` shards."
     def __init__(self,
@@ -655,7 +735,7 @@ class ShardShuffleSampler(torch.utils.data.Sampler):
         o = self.order()
         return iter(o[self.rank:len(self) * self.world_size:self.world_size].tolist())
 
-# %% ../nbs/03_cache.ipynb #62019d3f
+# %% ../nbs/03_cache.ipynb #e6b1b6e5
 def estimated_sequences(man:dict) -> tuple[int, str]:
     "The sequences the whole source would give (an estimate), and what it is based on."
     n, rows, total = man['sequences'], man['rows_consumed'], man['source'].get('total_rows')
@@ -685,7 +765,7 @@ def smart_warmup(cache,                 # a PackedCache, a cache folder or a man
     return dict(warmup_steps=w, estimated_total_steps=est_steps, available_steps=avail, estimated_sequences=est,
                 sequences=man['sequences'], basis=basis)
 
-# %% ../nbs/03_cache.ipynb #92e8fd41
+# %% ../nbs/03_cache.ipynb #ffb07f38
 @dataclass
 class CacheJob(JobConfig):
     "Build, grow or repair a packed-sequence cache."
@@ -721,7 +801,7 @@ class CacheJob(JobConfig):
         d = default_cache_dir(self.dataset, self.tokenizer, self.seq_len, self.dataset_config or None, self.split or None).name
         return f"cache_{d}" + (f"_n{self.target_sequences}" if self.target_sequences else '')
 
-# %% ../nbs/03_cache.ipynb #ffb07f38
+# %% ../nbs/03_cache.ipynb #57312876
 def run_build_cache(job:CacheJob,      # the job
                     quiet:bool=False   # hide progress bars and prints
                    ) -> RunResult:
