@@ -10,7 +10,8 @@ from pathlib import Path
 from .core import LlmwbError, ConfigError, free_run_dir, project_root
 
 # %% auto #0
-__all__ = ['JOBS', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook', 'multi_gpu_command', 'main']
+__all__ = ['JOBS', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook', 'show_checkpoints', 'delete_checkpoint',
+           'orphans', 'clean_orphans', 'multi_gpu_command', 'main']
 
 # %% ../nbs/11_runs.ipynb #313d5783
 @dataclass
@@ -28,7 +29,8 @@ class JobSpec:
 
 JOBS = {'sft': JobSpec('sft', 'llmwb.sft', 'SFTJob', 'train_sft', 'train_sft.ipynb'),
         'pretrain': JobSpec('pretrain', 'llmwb.pretrain', 'PretrainJob', 'train_pretrain', 'train_pretrain.ipynb'),
-        'cache': JobSpec('cache', 'llmwb.cache', 'CacheJob', 'run_build_cache', 'build_cache.ipynb')}
+        'cache': JobSpec('cache', 'llmwb.cache', 'CacheJob', 'run_build_cache', 'build_cache.ipynb'),
+        'lm': JobSpec('lm', 'llmwb.loop', 'LMJob', 'train_lm', 'train_lm.ipynb')}
 
 def find_job(name:str) -> tuple[JobSpec, Path|None]:
     "The job for a short name (`sft`), a notebook name (`train_sft`) or a notebook path, and its notebook path."
@@ -89,7 +91,54 @@ def run_job_notebook(job:str,              # job name, notebook name or notebook
     if output: shutil.copy(run_dir/nb_name, output)
     return run_dir
 
-# %% ../nbs/11_runs.ipynb #841615b1
+# %% ../nbs/11_runs.ipynb #b3680295
+def show_checkpoints(run_dir) -> list[dict]:
+    "Print and return a run's checkpoints: step, val and train loss, time, and which is the best and which are damaged."
+    from llmwb.loop import list_checkpoints
+    cks = list_checkpoints(run_dir)
+    if not cks: print(f"{run_dir}: no checkpoints")
+    for c in cks:
+        f = lambda v: '-' if v is None else f'{v:.4f}'
+        print(f"{Path(c['path']).name:14} step {c['step']:>8,}  val {f(c['val_loss']):>8}  train {f(c['train_loss']):>8}  {c['time'] or '':19}"
+              f"{'  best' if c['best'] else ''}{'' if c['ok'] else '  DAMAGED: ' + c['problem']}")
+    return cks
+
+def _confirm(msg:str, yes:bool) -> bool:
+    if yes: return True
+    if sys.stdin is not None and sys.stdin.isatty():
+        return input(f"{msg} [y/N] ").strip().lower() in ('y', 'yes')
+    print(f"{msg}\nNot deleted: pass yes=True (--yes) to confirm."); return False
+
+def delete_checkpoint(path,            # a checkpoint folder (<run>/checkpoints/step_000400)
+                      yes:bool=False    # delete without asking
+                     ) -> bool:
+    "Delete one checkpoint after confirmation; returns whether it was deleted."
+    p = Path(path).expanduser()
+    if not (p.is_dir() and p.name.startswith('step_') and ((p/'meta.json').exists() or (p/'model.safetensors').exists())):
+        raise ConfigError(f"{str(p)!r} is not an llmwb checkpoint folder.", expected="<run>/checkpoints/step_<N>/")
+    size = sum(f.stat().st_size for f in p.rglob('*') if f.is_file())
+    if not _confirm(f"Delete {p} ({size / 1e6:.1f} MB)?", yes): return False
+    shutil.rmtree(p); return True
+
+def orphans(root=None) -> list[Path]:
+    "What a killed run leaves behind under the runs folder: partial checkpoint folders, and run folders with logs but no config."
+    from llmwb.core import runs_root
+    root = Path(root).expanduser() if root else runs_root()
+    found = [p for p in root.glob('*/checkpoints/.tmp-*')] + [p for p in root.glob('*/checkpoints/.old-*')]
+    found += [d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.') and not (d/'config.json').exists()
+              and any((d/n).exists() for n in ('tensorboard', 'metrics.jsonl'))] if root.exists() else []
+    return sorted(found)
+
+def clean_orphans(root=None, yes:bool=False) -> list[Path]:
+    "Delete `orphans(root)` after confirmation; returns what was deleted."
+    found = orphans(root)
+    if not found: print("nothing to clean"); return []
+    for p in found: print(f"  {p}")
+    if not _confirm(f"Delete these {len(found)} leftovers?", yes): return []
+    for p in found: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    return found
+
+# %% ../nbs/11_runs.ipynb #76c7ac1f
 def _job_parser(cls, prog):
     from fastcore.docments import docments
     docs, hints = docments(cls), typing.get_type_hints(cls)
@@ -119,7 +168,9 @@ def main(argv:list[str]=None):
              "       llmwb JOB [--NAME VALUE]...                      run a job in this process\n"
              "       llmwb jobs                                       list jobs and their notebooks\n"
              "       llmwb datasets                                   list the dataset catalogue\n"
-             "       llmwb fixtures DIR [NAME]...                     write the offline dataset mirror (then LLMWB_DATA_DIR=DIR)\n")
+             "       llmwb fixtures DIR [NAME]...                     write the offline dataset mirror (then LLMWB_DATA_DIR=DIR)\n"
+             "       llmwb checkpoints RUN [--delete NAME] [--yes]      list a run's checkpoints, or delete one\n"
+             "       llmwb clean [ROOT] [--yes]                       delete partial checkpoints and logs of runs that never started\n")
     if not argv or argv[0] in ('-h', '--help'): print(usage); return 0
     try:
         if argv[0] == 'jobs':
@@ -135,6 +186,16 @@ def main(argv:list[str]=None):
             root = write_fixture_mirror(argv[1], argv[2:] or None)
             print(f"offline dataset mirror written to {root}\nuse it with: export LLMWB_DATA_DIR={root.resolve()}")
             return 0
+        if argv[0] == 'checkpoints':
+            ap = argparse.ArgumentParser(prog='llmwb checkpoints'); ap.add_argument('run'); ap.add_argument('--delete', default=None)
+            ap.add_argument('--yes', action='store_true'); a = ap.parse_args(argv[1:])
+            if a.delete:
+                p = Path(a.delete) if Path(a.delete).exists() else Path(a.run)/'checkpoints'/a.delete
+                return 0 if delete_checkpoint(p, a.yes) else 1
+            show_checkpoints(a.run); return 0
+        if argv[0] == 'clean':
+            ap = argparse.ArgumentParser(prog='llmwb clean'); ap.add_argument('root', nargs='?'); ap.add_argument('--yes', action='store_true')
+            a = ap.parse_args(argv[1:]); clean_orphans(a.root, a.yes); return 0
         if argv[0] == 'run':
             ap = argparse.ArgumentParser(prog='llmwb run')
             ap.add_argument('job'); ap.add_argument('-p', '--parameters', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
@@ -159,6 +220,6 @@ def main(argv:list[str]=None):
         print(f"llmwb: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
-# %% ../nbs/11_runs.ipynb #a505d3f5
+# %% ../nbs/11_runs.ipynb #3f19e430
 #| eval: false
 if __name__ == '__main__': sys.exit(main())   # python -m llmwb.runs ..., as torchrun runs it
