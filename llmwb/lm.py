@@ -81,24 +81,26 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg:LMConfig):
         super().__init__()
         self.h, self.hd = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        # separate projections: a fused qkv's v is strided 3x wider, and its backward stacks q, k, v grads (measured ~4% slower)
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(3))
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
     def forward(self, x, cos, sin):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)   # 3 x [B, H, T, hd]
+        q, k, v = (m(x).view(B, T, self.h, self.hd).transpose(1, 2) for m in (self.q, self.k, self.v))   # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 class SwiGLU(nn.Module):
-    "The gated feed-forward: w2(silu(x w1) * (x w3)), with w1 and w3 in one matrix."
+    "The gated feed-forward: w2(silu(x w1) * (x w3))."
     def __init__(self, cfg:LMConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        # two matrices, not one fused [d, 2 d_ff]: halves split from a fused output are strided, and its backward
+        # concatenates their gradients into a buffer twice the size (above glibc's 32 MB, fresh pages every step)
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-    def forward(self, x):
-        a, b = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(a) * b)
+    def forward(self, x): return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 class Block(nn.Module):
     "x + attention(norm(x)), then x + feed-forward(norm(x))."
