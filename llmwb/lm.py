@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from .core import ConfigError, DatasetError, atomic_write
 
 # %% auto #0
-__all__ = ['LMConfig', 'rope_tables', 'apply_rope', 'RMSNorm', 'CausalSelfAttention', 'SwiGLU', 'Block', 'TransformerLM',
-           'ByteTokenizer', 'get_tokenizer', 'token_file_meta', 'tokenize_to_file', 'CacheTokens', 'load_tokens',
-           'get_batch', 'fixed_batches']
+__all__ = ['LMConfig', 'rope_tables', 'apply_rope', 'RMSNorm', 'CausalSelfAttention', 'SwiGLU', 'Block', 'linear_cross_entropy',
+           'TransformerLM', 'ByteTokenizer', 'get_tokenizer', 'token_file_meta', 'tokenize_to_file', 'CacheTokens',
+           'load_tokens', 'get_batch', 'fixed_batches']
 
 # %% ../nbs/05_lm.ipynb #806be38c
 @dataclass
@@ -113,6 +113,50 @@ class Block(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 # %% ../nbs/05_lm.ipynb #6781b3f9
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk):
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            wm = w.to(dt)
+            valid_all = targets != -100
+            n = valid_all.sum().clamp(min=1).to(torch.float32)
+            gh = torch.empty(h.shape, dtype=dt, device=h.device)
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, h.shape[0], chunk):
+                hc, tc, valid = h[i:i + chunk].to(dt), targets[i:i + chunk], valid_all[i:i + chunk]
+                z = (hc @ wm.t()).float()                               # this chunk's logits [c, V]
+                lse = torch.logsumexp(z, dim=-1)
+                t = tc.clamp(min=0)
+                loss += ((lse - z.gather(1, t[:, None])[:, 0]) * valid).sum()
+                g = z.sub_(lse[:, None]).exp_()                         # softmax, in place of the logits
+                g[torch.arange(len(t), device=g.device), t] -= 1
+                g.mul_((valid / n)[:, None])
+                g = g.to(dt)
+                torch.matmul(g, wm, out=gh[i:i + chunk])
+                if dt == torch.float32: gw.addmm_(g.t(), hc)                # accumulated in fp32 in place
+                else: gw.add_((g.t() @ hc).float())
+        ctx.save_for_backward(gh, gw)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, go):
+        gh, gw = ctx.saved_tensors
+        return (gh * go).to(ctx.dtypes[0]), (gw * go).to(ctx.dtypes[1]), None, None
+
+def linear_cross_entropy(h:torch.Tensor,        # hidden states [N, d]
+                         weight:torch.Tensor,   # the output layer's weight [vocab, d]
+                         targets:torch.Tensor,  # target ids [N] (-100: ignored)
+                         chunk:int=None         # tokens per chunk (None: about 4M logits per chunk)
+                        ) -> torch.Tensor:
+    "Mean cross-entropy of `h @ weight.T` against `targets`, computed chunk by chunk without materializing the logits."
+    chunk = chunk or max(64, (1 << 22) // weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk)
+
+# %% ../nbs/05_lm.ipynb #bcd5da91
 class TransformerLM(nn.Module):
     "A decoder-only Transformer LM: embeddings, `num_layers` pre-norm blocks, a final RMSNorm and the output layer."
     def __init__(self, cfg:LMConfig):
@@ -133,14 +177,17 @@ class TransformerLM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, 0.0, 0.02)
 
     def forward(self, idx:torch.Tensor, targets:torch.Tensor=None):
-        "Logits [B, T, vocab] for ids `idx` [B, T], and the loss against `targets` [B, T] (None without them)."
+        "(logits [B, T, vocab], loss against `targets` [B, T]); no loss without targets, no logits when training with them."
         T = idx.shape[1]
         if T > self.cfg.context_length:
             raise ConfigError(f"A sequence of {T} tokens is longer than the model's context_length {self.cfg.context_length}.",
                               fix="crop the input, or build the model with a larger context_length.")
         x = self.embed(idx)
         for b in self.blocks: x = b(x, self.rope_cos, self.rope_sin)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None and torch.is_grad_enabled() and self.lm_head.weight.requires_grad:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
 
@@ -182,7 +229,7 @@ class TransformerLM(nn.Module):
         self.train(was)
         return idx
 
-# %% ../nbs/05_lm.ipynb #0f1e8421
+# %% ../nbs/05_lm.ipynb #3409b5c1
 class ByteTokenizer:
     "UTF-8 bytes as tokens 0..255, with EOS = 256 (vocab_size 257)."
     name_or_path = 'bytes'
@@ -200,7 +247,7 @@ def get_tokenizer(name:str='bytes'):
     from llmwb.models import load_tokenizer
     return load_tokenizer(name)
 
-# %% ../nbs/05_lm.ipynb #3409b5c1
+# %% ../nbs/05_lm.ipynb #592bceef
 def _eos(tok) -> int:
     for k in ('eos_token_id', 'sep_token_id'):
         if getattr(tok, k, None) is not None: return int(getattr(tok, k))
@@ -259,7 +306,7 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
         if raw.exists(): raw.unlink()
     return meta
 
-# %% ../nbs/05_lm.ipynb #592bceef
+# %% ../nbs/05_lm.ipynb #0d323f46
 class CacheTokens:
     "The token stream of an LZ4 packed-sequence cache (`llmwb.cache`), decoded into memory; `refresh()` picks up growth."
     def __init__(self, cache_dir):
@@ -323,7 +370,7 @@ def load_tokens(path,                 # a .bin or .npy token file, or an llmwb.c
                                fix=f"set vocab_size >= {vs or mx + 1}, or use the tokenizer the model was meant for.")
     return data
 
-# %% ../nbs/05_lm.ipynb #0d323f46
+# %% ../nbs/05_lm.ipynb #fbb4a7ba
 def get_batch(data,                       # a flat token array (memmap, ndarray or CacheTokens)
               batch_size:int,             # windows per batch
               context_length:int,         # tokens per window
