@@ -63,7 +63,7 @@ class LMJob(JobConfig):
     compile: bool = False             # torch.compile the model (falls back with a warning where it fails)
     num_threads: int = 0              # torch CPU threads (0: torch's default); fix it for bit-exact CPU resume
     seed: int = 1337                  # seed for initialisation and batch sampling
-    sample_tokens: int = 200          # tokens generated as a sample at the end (0: none)
+    sample_tokens: int = 200          # tokens of the sample generated at each validation and at the end (0: none)
     sample_prompt: str = ''           # the sample's prompt ('' starts from EOS)
     run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
     name: str = ''                    # readable run name; '' suggests one from the config
@@ -437,6 +437,10 @@ def train_lm(job:LMJob,                # the job
         if grown: log.log(step, data_tokens=len(train), data_grew=grown)
         return ck
 
+    sample_tok = None
+    if job.sample_tokens:
+        try: sample_tok = get_tokenizer(facts.get('tokenizer') or job.tokenizer)
+        except LlmwbError as e: warnings.warn(f"No samples: the data's tokenizer {facts.get('tokenizer')!r} does not load ({e}).")
     # 3. the loop
     tokens_step = facts['tokens_per_step']
     bar = tqdm(total=job.max_iters, initial=start, bar_format='{desc}', disable=quiet, dynamic_ncols=True)
@@ -465,6 +469,8 @@ def train_lm(job:LMJob,                # the job
             best = min(best, val_loss)
             log.log(done, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)))
             tb.add_scalar('val/loss', val_loss, done)
+            if sample_tok is not None and done < job.max_iters:   # a sample on the way (its own generator: training is untouched)
+                tb.add_text('sample', generate_text(model, sample_tok, job.sample_prompt, job.sample_tokens, device, seed=job.seed, eos_id=facts.get('eos_id')), done)
             cb('eval', done, dict(val_loss=val_loss))
         if (job.checkpoint_interval and done % job.checkpoint_interval == 0) or done == job.max_iters:
             checkpoint(done, loss_sum, val_loss if done % job.eval_interval == 0 or done == job.max_iters else None)
@@ -472,12 +478,9 @@ def train_lm(job:LMJob,                # the job
     # 4. the record
     if val_loss is None or start == job.max_iters: val_loss = evaluate(cmodel, val_batches, device, job.dtype); best = min(best, val_loss)
     sample = ''
-    if job.sample_tokens:
-        try: tok = get_tokenizer(facts.get('tokenizer') or job.tokenizer)
-        except LlmwbError as e: tok = None; warnings.warn(f"No sample: the data's tokenizer {facts.get('tokenizer')!r} does not load ({e}).")
-        if tok is not None:
-            sample = generate_text(model, tok, job.sample_prompt, job.sample_tokens, device, seed=job.seed, eos_id=facts.get('eos_id'))
-            atomic_write(run_dir/'sample.txt', sample + '\n'); tb.add_text('sample', sample, job.max_iters)
+    if sample_tok is not None:
+        sample = generate_text(model, sample_tok, job.sample_prompt, job.sample_tokens, device, seed=job.seed, eos_id=facts.get('eos_id'))
+        atomic_write(run_dir/'sample.txt', sample + '\n'); tb.add_text('sample', sample, job.max_iters)
     recs = log.read()
     train_s = time.time() - t0
     m = dict(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)), best_val_loss=best, train_loss=last_loss,
