@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_lm.ipynb #269cfe17
 from __future__ import annotations
-import json, math, hashlib
+import os, json, math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from .core import ConfigError, DatasetError, atomic_write
 # %% auto #0
 __all__ = ['LMConfig', 'rope_tables', 'apply_rope', 'RMSNorm', 'CausalSelfAttention', 'SwiGLU', 'Block', 'linear_cross_entropy',
            'TransformerLM', 'ByteTokenizer', 'get_tokenizer', 'token_file_meta', 'tokenize_to_file', 'CacheTokens',
-           'load_tokens', 'get_batch', 'fixed_batches']
+           'check_token_ids', 'load_tokens', 'get_batch', 'fixed_batches']
 
 # %% ../nbs/05_lm.ipynb #806be38c
 @dataclass
@@ -273,7 +273,7 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
     V, eos = len(tok), _eos(tok)
     dt = np.dtype('<u2') if V <= 2**16 else np.dtype('<u4')
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = path.with_name(f'.{path.name}.{__import__("os").getpid()}.part')
+    raw = path.with_name(f'.{path.name}.{os.getpid()}.part')
     n, mx, batch = 0, 0, []
     if not isinstance(tok, ByteTokenizer):
         from llmwb.cache import _encoder
@@ -293,14 +293,14 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
             if batch: flush(f, batch); bar.update(len(batch))
         if n == 0: raise DatasetError("The corpus gave no tokens (no non-empty documents).", fix="check the texts passed in.")
         if path.suffix == '.npy':   # a .npy header in front of the same bytes
-            out = path.with_name(f'.{path.name}.{__import__("os").getpid()}.npy')
+            out = path.with_name(f'.{path.name}.{os.getpid()}.npy')
             mm = np.lib.format.open_memmap(out, mode='w+', dtype=dt, shape=(n,))
             mm[:] = np.memmap(raw, dtype=dt, mode='r'); mm.flush(); del mm
             raw.unlink(); raw = out
-        with open(raw, 'rb+') as f: __import__('os').fsync(f.fileno())
+        with open(raw, 'rb+') as f: os.fsync(f.fileno())
         meta = dict(dtype=dt.str, tokens=n, vocab_size=V, max_id=mx, eos_id=eos,   # a name get_tokenizer loads again
                     tokenizer=tokenizer if isinstance(tokenizer, str) else str(getattr(tok, 'name_or_path', '')))
-        __import__('os').replace(raw, path)
+        os.replace(raw, path)
         atomic_write(Path(str(path) + '.json'), json.dumps(meta, indent=1))
     finally:
         if raw.exists(): raw.unlink()
@@ -311,7 +311,7 @@ class CacheTokens:
     "The token stream of an LZ4 packed-sequence cache (`llmwb.cache`), decoded into memory; `refresh()` picks up growth."
     def __init__(self, cache_dir):
         from llmwb.cache import PackedCache
-        self.cache_dir, self._pc, self._parts, self._k = Path(cache_dir).expanduser(), PackedCache(cache_dir, lru_size=1), [], 0
+        self.cache_dir, self._pc, self._parts = Path(cache_dir).expanduser(), PackedCache(cache_dir, lru_size=1), []
         self.meta = dict(tokenizer=self._pc.manifest['tokenizer'].get('name'), vocab_size=self._pc.manifest['tokenizer']['vocab_size'],
                          eos_id=self._pc.eos_id, dtype=self._pc.dtype.str)
         self.tokens = np.empty(0, self._pc.dtype); self.refresh()
@@ -320,12 +320,11 @@ class CacheTokens:
         "Decode the shards added since (a short last shard that grew is decoded again); returns the tokens added."
         pc = self._pc; before = len(self.tokens); pc.refresh()
         full = [int(c) for c in pc.counts]
-        keep = self._k
+        keep = len(self._parts)
         while keep and (keep > len(full) or self._parts[keep - 1][1] != full[keep - 1]): keep -= 1   # re-read changed shards
         self._parts = self._parts[:keep]
         for k in range(keep, pc.n_shards): self._parts.append((pc._load(k).reshape(-1), full[k]))
-        self._k = len(self._parts)
-        if self._k != keep or len(self.tokens) != sum(a.size for a, _ in self._parts):
+        if len(self._parts) != keep or len(self.tokens) != sum(a.size for a, _ in self._parts):
             self.tokens = np.concatenate([a for a, _ in self._parts]) if self._parts else np.empty(0, pc.dtype)
         return len(self.tokens) - before
 
@@ -335,6 +334,20 @@ class CacheTokens:
 
 def _max_id(data, chunk:int=1 << 24) -> int:
     return max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+
+def check_token_ids(data,            # a token array or CacheTokens
+                    vocab_size:int,  # the model's vocabulary size
+                    where,           # the file or folder, for the message
+                    meta:dict=None   # its sidecar metadata (max_id, vocab_size), if any
+                   ):
+    "Raise when an id in `data` is not below `vocab_size` (from the metadata's max_id, else one pass over the data)."
+    meta = meta or {}
+    mx, vs = meta.get('max_id'), meta.get('vocab_size')
+    if mx is None: mx = _max_id(getattr(data, 'tokens', data))
+    if mx >= vocab_size:
+        raise DatasetError(f"{str(where)!r} holds token id {mx}, and the model's vocab_size is {vocab_size}.",
+                           expected=f"ids below {vocab_size}" + (f" (the data's tokenizer has {vs:,} tokens)" if vs else ''),
+                           fix=f"set vocab_size >= {vs or mx + 1}, or use the tokenizer the model was meant for.")
 
 def load_tokens(path,                 # a .bin or .npy token file, or an llmwb.cache folder
                 mmap:bool=True,       # memory-map the file instead of reading it
@@ -347,8 +360,7 @@ def load_tokens(path,                 # a .bin or .npy token file, or an llmwb.c
         if not (p/'manifest.json').exists():
             raise DatasetError(f"{str(p)!r} is a folder but not an llmwb cache (no manifest.json).",
                                fix="pass a .bin/.npy token file or a cache folder built by llmwb.cache.build_cache.")
-        data, meta = CacheTokens(p), None
-        mx, vs = None, data.meta['vocab_size']
+        data = CacheTokens(p); meta = dict(vocab_size=data.meta['vocab_size'])
     else:
         if not p.exists(): raise DatasetError(f"Token file {str(p)!r} does not exist.", fix="check the path, or write one with llmwb.lm.tokenize_to_file.")
         meta = token_file_meta(p)
@@ -361,13 +373,7 @@ def load_tokens(path,                 # a .bin or .npy token file, or an llmwb.c
             data = np.memmap(p, dtype=dt, mode='r') if mmap else np.fromfile(p, dtype=dt)
         if data.ndim != 1 or data.dtype.kind not in 'ui':
             raise DatasetError(f"{str(p)!r} holds a {data.dtype} array of shape {data.shape}, not a flat array of token ids.")
-        mx, vs = (meta or {}).get('max_id'), (meta or {}).get('vocab_size')
-    if vocab_size is not None:
-        if mx is None: mx = _max_id(data if not isinstance(data, CacheTokens) else data.tokens)
-        if mx >= vocab_size:
-            raise DatasetError(f"{str(p)!r} holds token id {mx}, and the model's vocab_size is {vocab_size}.",
-                               expected=f"ids below {vocab_size}" + (f" (the data's tokenizer has {vs:,} tokens)" if vs else ''),
-                               fix=f"set vocab_size >= {vs or mx + 1}, or use the tokenizer the model was meant for.")
+    if vocab_size is not None: check_token_ids(data, vocab_size, p, meta)
     return data
 
 # %% ../nbs/05_lm.ipynb #fbb4a7ba

@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from .core import (JobConfig, ConfigError, DatasetError, LlmwbError, MetricsLog, RunResult, atomic_write, get_device,
                         get_dtype, dtype_name, plot_metrics, runs_root, set_seed, start_run, slugify)
-from .lm import LMConfig, TransformerLM, load_tokens, get_batch, fixed_batches, tokenize_to_file, get_tokenizer, CacheTokens, token_file_meta
+from .lm import LMConfig, TransformerLM, load_tokens, check_token_ids, get_batch, fixed_batches, tokenize_to_file, get_tokenizer, CacheTokens, token_file_meta
 
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'CKPT_FILES', 'LMJob', 'suggest_run_name', 'lr_at', 'make_optimizer', 'save_checkpoint',
-           'checkpoint_problem', 'list_checkpoints', 'prune_checkpoints', 'load_checkpoint', 'find_resume',
-           'corpus_token_file', 'prepare_data', 'evaluate', 'progress_line', 'train_lm', 'generate_text',
+           'CheckpointError', 'checkpoint_problem', 'list_checkpoints', 'prune_checkpoints', 'load_checkpoint',
+           'find_resume', 'corpus_token_file', 'prepare_data', 'evaluate', 'progress_line', 'train_lm', 'generate_text',
            'weights_equal']
 
 # %% ../nbs/06_loop.ipynb #4b03d1e1
@@ -193,8 +193,11 @@ def save_checkpoint(ckpt_root,             # the checkpoint folder
         if tmpd.exists(): shutil.rmtree(tmpd, ignore_errors=True)
     return final
 
-def checkpoint_problem(ck:Path) -> str|None:
-    "Why checkpoint folder `ck` cannot be used, or None when its files match its meta.json."
+class CheckpointError(LlmwbError):
+    "A checkpoint that is incomplete or damaged."
+
+def checkpoint_problem(ck:Path, deep:bool=True) -> str|None:
+    "Why checkpoint folder `ck` cannot be used, or None when its files match its meta.json (sizes; with `deep` also sha256)."
     ck = Path(ck)
     if not (ck/'meta.json').exists(): return 'no meta.json (an incomplete write)'
     try: meta = json.loads((ck/'meta.json').read_text())
@@ -203,11 +206,12 @@ def checkpoint_problem(ck:Path) -> str|None:
         p = ck/f
         if not p.exists(): return f'{f} is missing'
         if p.stat().st_size != e['bytes']: return f"{f} has {p.stat().st_size:,} bytes, not {e['bytes']:,} (truncated?)"
-        if _sha_file(p) != e['sha256']: return f'{f} does not match its checksum'
+        if deep and _sha_file(p) != e['sha256']: return f'{f} does not match its checksum'
     return None
 
 def list_checkpoints(path) -> list[dict]:
-    "The checkpoints of a run folder (or of a checkpoint folder), oldest first: step, losses, time, path, ok, problem, best."
+    """The checkpoints of a run folder (or of a checkpoint folder), oldest first: step, losses, time, path, ok, problem, best.
+    `ok` checks that the files are complete (sizes); their checksums are checked when one is loaded."""
     p = Path(path).expanduser()
     root = p if p.name == 'checkpoints' or any(p.glob('step_*')) else p/'checkpoints'
     cks = []
@@ -215,7 +219,7 @@ def list_checkpoints(path) -> list[dict]:
         if not ck.is_dir(): continue
         try: meta = json.loads((ck/'meta.json').read_text())
         except (OSError, json.JSONDecodeError): meta = {}
-        prob = checkpoint_problem(ck)
+        prob = checkpoint_problem(ck, deep=False)
         cks.append(dict(step=meta.get('step', int(ck.name.split('_')[-1])), val_loss=meta.get('val_loss'), train_loss=meta.get('train_loss'),
                         time=meta.get('time'), path=str(ck), ok=prob is None, problem=prob, best=False))
     good = [c for c in cks if c['ok'] and c['val_loss'] is not None]
@@ -236,7 +240,7 @@ def load_checkpoint(ck, model:torch.nn.Module, map_location='cpu') -> dict:
     from safetensors.torch import load_model
     ck = Path(ck)
     prob = checkpoint_problem(ck)
-    if prob: raise LlmwbError(f"Checkpoint {str(ck)!r} cannot be used: {prob}.")
+    if prob: raise CheckpointError(f"Checkpoint {str(ck)!r} cannot be used: {prob}.")
     missing, unexpected = load_model(model, str(ck/'model.safetensors'), strict=False, device=str(map_location))
     if missing or unexpected:
         raise ConfigError(f"Checkpoint {str(ck)!r} does not fit this model: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}.",
@@ -323,7 +327,7 @@ def prepare_data(job:LMJob, progress:bool=True) -> tuple[_Split, _Split, dict]:
     meta = data.meta if isinstance(data, CacheTokens) else (token_file_meta(path) or {})
     V = job.vocab_size or meta.get('vocab_size')
     if not V: raise ConfigError(f"vocab_size=0 and {str(path)!r} does not record its vocabulary size.", fix="pass vocab_size (the tokenizer's, or more).")
-    load_tokens(path, vocab_size=V)   # every id fits (from the sidecar's max_id, or one pass)
+    check_token_ids(data, V, path, meta)   # every id fits (from the sidecar's max_id, or one pass)
     if job.val_data:
         val = _Split(load_tokens(job.val_data, vocab_size=V)); train = _Split(data)
     else:
@@ -375,11 +379,8 @@ def _resume_state(job, resume, model, device):
     "Load the newest usable checkpoint of `resume` into `model`: (state, checkpoint), skipping damaged ones with a warning."
     rd, cks = resume
     for ck in cks:
-        prob = checkpoint_problem(ck)
-        if prob is None:
-            state = load_checkpoint(ck, model, map_location=device)
-            return state, ck
-        warnings.warn(f"Checkpoint {str(ck)!r} is damaged ({prob}); falling back to the one before it.")
+        try: return load_checkpoint(ck, model, map_location=device), ck
+        except CheckpointError as e: warnings.warn(f"{str(e).rstrip('.')}; falling back to the one before it.")
     raise LlmwbError(f"No usable checkpoint in {str(rd)!r}: all {len(cks)} are damaged.", fix="start a new run without resume.")
 
 def train_lm(job:LMJob,                # the job
