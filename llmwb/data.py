@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write, hub_reachable, looks_like_path
 
 # %% auto #0
-__all__ = ['DATA_DIR_ENV', 'make_sample_imdb', 'save_sample_imdb', 'mirror_path', 'load_raw_dataset']
+__all__ = ['DATA_DIR_ENV', 'make_sample_imdb', 'save_sample_imdb', 'make_sample_arithmetic', 'mirror_path', 'load_raw_dataset']
 
 # %% ../nbs/01_data.ipynb #f263fcbc
 _POS_ADJ = ['wonderful', 'superb', 'brilliant', 'excellent', 'gripping', 'moving', 'delightful', 'charming', 'stunning',
@@ -157,6 +157,50 @@ def save_sample_imdb(path:str|Path,      # the folder to write train.jsonl and t
     return path
 
 # %% ../nbs/01_data.ipynb #f4603041
+_A_NAMES = ['Ann', 'Ben', 'Cara', 'Dev', 'Eli', 'Fay', 'Gus', 'Hana', 'Ivo', 'Jill', 'Kofi', 'Lena', 'Mo', 'Nia', 'Omar', 'Pia']
+_A_SHE = {'Ann', 'Cara', 'Fay', 'Hana', 'Jill', 'Lena', 'Nia', 'Pia'}
+_A_ITEMS = ['apples', 'books', 'coins', 'pens', 'cards', 'shells', 'stamps', 'marbles', 'eggs', 'stickers', 'plums', 'beads']
+_A_TEMPLATES = {
+    '+': ['{n} has {a} {i}. {p} buys {b} more. How many {i} does {n} have now?',
+          '{n} picked {a} {i} in the morning and {b} in the afternoon. How many {i} did {n} pick?',
+          'There are {a} {i} in a box and {n} puts in {b} more. How many {i} are in the box?'],
+    '-': ['{n} has {a} {i}. {p} gives {b} to {m}. How many {i} does {n} have left?',
+          'A shop had {a} {i} and sold {b}. How many {i} are left?',
+          '{n} had {a} {i} and lost {b} of them. How many {i} does {n} have now?'],
+    '*': ['{n} buys {a} bags with {b} {i} in each. How many {i} does {n} buy?',
+          'There are {a} boxes of {i} with {b} in each box. How many {i} are there in all?']}
+
+def _arith_problem(rng:random.Random, max_operand:int) -> tuple[str, str]:
+    "One (question, worked answer ending in '#### result') pair."
+    op = rng.choice('+-*')
+    n, m = rng.sample(_A_NAMES, 2)
+    a, b = (rng.randint(2, 9), rng.randint(2, 9)) if op == '*' else (rng.randint(1, max_operand), rng.randint(1, max_operand))
+    if op == '-': a, b = max(a, b), min(a, b)
+    r = a + b if op == '+' else a - b if op == '-' else a * b
+    q = rng.choice(_A_TEMPLATES[op]).format(a=a, b=b, n=n, m=m, i=rng.choice(_A_ITEMS), p='She' if n in _A_SHE else 'He')
+    return q, f"{a} {op} {b} = {r}\n#### {r}"
+
+def make_sample_arithmetic(n_train:int=3000,  # problems in the train split
+                           n_test:int=300,    # problems in the test split
+                           seed:int=0,        # the generator's seed; the same seed gives the same problems everywhere
+                           max_operand:int=20 # largest number added or subtracted (products are of 2..9)
+                          ) -> DatasetDict:
+    "Offline arithmetic word problems ('train', 'test'; question, answer) in GSM8K's format, no question repeated."
+    if max_operand < 2: raise DatasetError(f"max_operand must be >= 2, got {max_operand}.")
+    rng, seen, out = random.Random(seed), set(), {}
+    for split, n in (('train', n_train), ('test', n_test)):
+        rows, tries = [], 0
+        while len(rows) < n:
+            q, a = _arith_problem(rng, max_operand)
+            tries += 1
+            if tries > 50 * (n_train + n_test): raise DatasetError(f"Cannot make {n_train + n_test} distinct problems with max_operand={max_operand}.",
+                                                                   fix="raise max_operand, or ask for fewer problems.")
+            if q in seen: continue
+            seen.add(q); rows.append({'question': q, 'answer': a})
+        out[split] = Dataset.from_list(rows, features=datasets.Features({'question': datasets.Value('string'), 'answer': datasets.Value('string')}))
+    return DatasetDict(out)
+
+# %% ../nbs/01_data.ipynb #eb0cfd5c
 _DATA_SUFFIXES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet'}
 _ACCEPTED = ("a catalogue name (`llmwb datasets`), 'sample-imdb', a hub id such as 'stanfordnlp/imdb', a folder written by save_to_disk, "
              "a folder of .json/.jsonl/.csv/.parquet files (one split per file), or one such file")
@@ -210,7 +254,7 @@ def _load_local(p:Path) -> DatasetDict:
     for f in files: groups.setdefault(_split_name(f), []).append(f)
     return _load_files(groups, str(p))
 
-# %% ../nbs/01_data.ipynb #c45c6b85
+# %% ../nbs/01_data.ipynb #3603767e
 DATA_DIR_ENV = 'LLMWB_DATA_DIR'
 
 def mirror_path(hf_id:str,           # a hub dataset id such as 'nyu-mll/glue'
@@ -282,7 +326,7 @@ def _load_hub(hf_id:str, config=None, split=None, streaming=False, revision=None
                 "fixtures), use 'sample-imdb' or a local path, or run once with network access to cache it.")
     return _load_repo(hf_id, where, offline=not online, **kw)
 
-# %% ../nbs/01_data.ipynb #95e8d1f6
+# %% ../nbs/01_data.ipynb #aadfbb6c
 def load_raw_dataset(source:str|Path|Dataset|DatasetDict,  # 'sample-imdb', a local path or a hub id (or a dataset)
                      split:str|None=None,                   # return only this split, as a `Dataset`
                      max_examples:int|None=None,            # keep at most this many examples per split (a seeded shuffle; the first ones when streaming)
@@ -302,6 +346,7 @@ def load_raw_dataset(source:str|Path|Dataset|DatasetDict,  # 'sample-imdb', a lo
         s = str(source).strip(); where = repr(s)
         p = Path(s).expanduser()
         if s == 'sample-imdb': dd = make_sample_imdb()
+        elif s == 'sample-arithmetic': dd = make_sample_arithmetic()
         elif p.exists():
             dd = (_load_repo(str(p), where, config=config, split=split, streaming=streaming, max_examples=max_examples, subdir=subdir)
                   if p.is_dir() and (config or subdir or (p/'README.md').exists()) and not (p/'dataset_dict.json').exists() else _load_local(p))

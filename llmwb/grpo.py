@@ -11,8 +11,10 @@ from .core import ConfigError
 from .evaluation import extract_number, numbers_match, parse_label, token_f1
 
 # %% auto #0
-__all__ = ['REWARDS', 'TASK_REWARD', 'completion_text', 'work_steps', 'math_reward', 'classification_reward', 'extract_code',
-           'defines', 'run_sandboxed', 'code_reward', 'qa_reward', 'get_reward', 'combine_rewards']
+__all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
+           'math_reward', 'classification_reward', 'extract_code', 'defines', 'run_sandboxed', 'code_reward',
+           'qa_reward', 'get_reward', 'combine_rewards', 'RewardModelReward', 'limit_prompts', 'GRPOJob',
+           'CompactGRPOTrainer', 'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves', 'plot_rewards']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -32,6 +34,13 @@ def work_steps(text:str) -> int:
     "How many lines of `text` show a calculation (`a op b = c`)."
     return sum(bool(_STEP.search(l)) for l in str(text).splitlines())
 
+_ANSWER_MARK = re.compile(r'####|answer\s+is', re.I)
+
+def work_before_answer(text:str) -> int:
+    "Lines of calculation before the first answer marker (`####`, 'answer is'): text after an answer is not work."
+    m = _ANSWER_MARK.search(str(text))
+    return work_steps(str(text)[:m.start()] if m else text)
+
 def math_reward(completions, answer=None, work_cap:float=0.1, per_step:float=0.05, **kw) -> list[float|None]:
     "1 for the right final number; otherwise up to `work_cap` for lines of visible work; None where there is no answer."
     out = []
@@ -39,7 +48,7 @@ def math_reward(completions, answer=None, work_cap:float=0.1, per_step:float=0.0
         if ref is None or str(ref).strip() == '': out.append(None); continue
         t = completion_text(c)
         right = numbers_match(extract_number(t), extract_number(str(ref)) or str(ref))
-        out.append(1.0 if right else min(work_cap, per_step * work_steps(t)))
+        out.append(1.0 if right else min(work_cap, per_step * work_before_answer(t)))
     return out
 
 # %% ../nbs/08_grpo.ipynb #c86e71f6
@@ -169,3 +178,462 @@ def combine_rewards(funcs:list, weights:list[float]=None, name:str='combined'):
         return out
     combined.__name__ = name
     return combined
+
+# %% ../nbs/08_grpo.ipynb #ba08a686
+import torch
+from .core import ModelNotFoundError
+
+class RewardModelReward:
+    "A one-output sequence-classification model's score of prompt + completion, as a TRL reward function."
+    def __init__(self, path:str,                # model folder, llmwb run folder, or hub id
+                 device:str|torch.device='cpu', # where it scores
+                 batch_size:int=32,             # texts per forward pass
+                 name:str='reward_model'):      # how its reward is logged
+        from transformers import AutoModelForSequenceClassification
+        from llmwb.models import resolve_model_source, load_tokenizer
+        src = resolve_model_source(path)
+        try: self.model = AutoModelForSequenceClassification.from_pretrained(src.path, local_files_only=src.offline)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"reward_model {path!r} does not load as a sequence-classification model: {e}",
+                                     expected="a model saved with AutoModelForSequenceClassification (num_labels=1), e.g. a trained reward model",
+                                     fix="train or convert a reward model (TRL's RewardTrainer writes one), and pass its folder.") from e
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"reward_model {path!r} has {self.model.config.num_labels} outputs; a reward model has one (num_labels=1).",
+                              fix="use a reward model (one scalar score), not a classifier with several labels.")
+        self.tokenizer = load_tokenizer(path)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval()
+        self.device, self.batch_size, self.__name__ = torch.device(device), batch_size, name
+        self.max_length = getattr(self.model.config, 'max_position_embeddings', None) or getattr(self.model.config, 'n_positions', None) or 512
+
+    @torch.no_grad()
+    def __call__(self, completions, prompts=None, **kw) -> list[float]:
+        texts = [(p if isinstance(p, str) else '') + completion_text(c) for p, c in zip(prompts or [''] * len(completions), completions)]
+        out = []
+        for b in range(0, len(texts), self.batch_size):
+            ids = [x[-self.max_length:] for x in self.tokenizer(texts[b:b + self.batch_size], add_special_tokens=False)['input_ids']]
+            L = max(len(x) for x in ids)
+            inp = torch.tensor([x + [self.tokenizer.pad_token_id] * (L - len(x)) for x in ids], device=self.device)
+            mask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids], device=self.device)
+            out += self.model(input_ids=inp, attention_mask=mask).logits[:, 0].float().tolist()
+        return out
+
+# %% ../nbs/08_grpo.ipynb #a55d06f1
+def limit_prompts(ds,                    # rows with a `prompt` column
+                  tokenizer,             # the policy's tokenizer
+                  max_prompt_length:int  # tokens a prompt may have
+                 ) -> tuple:
+    "The rows with each prompt cut to its last `max_prompt_length` tokens, and how many were cut."
+    ids = tokenizer(list(ds['prompt']), add_special_tokens=False)['input_ids']
+    long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
+    if not long: return ds, 0
+    cut = {}
+    for i in long:
+        k = max_prompt_length
+        while True:   # a BPE suffix can re-encode to more tokens than it was cut from: shorten until it fits
+            t = tokenizer.decode(ids[i][-k:])
+            if len(tokenizer(t, add_special_tokens=False)['input_ids']) <= max_prompt_length or k == 1: break
+            k -= 1
+        cut[i] = t
+    return ds.map(lambda r, i: {'prompt': cut.get(i, r['prompt'])}, with_indices=True), len(long)
+
+# %% ../nbs/08_grpo.ipynb #ac29c464
+import time, math
+from dataclasses import dataclass
+from .core import (JobConfig, LlmwbError, MetricsLog, RunResult, _fmt_num, atomic_write, dtype_name, get_dtype, plot_metrics,
+                        set_seed, ATTN_IMPLS, launch_info)
+from .registry import load_task, get_spec
+
+@dataclass
+class GRPOJob(JobConfig):
+    "GRPO reinforcement learning of a causal LM on prompts whose answers a reward can check."
+    model: str = 'tiny-gpt2'          # offline preset, local folder, or hub id (init_from takes a previous run instead)
+    init_from: str = ''               # a previous run's folder (SFT or pretraining): start from the model it saved
+    dataset: str = 'sample-arithmetic'  # a dataset with the rl mode: catalogue name (gsm8k, imdb, glue, ...), sample-arithmetic, hub id or path
+    dataset_config: str = ''          # the dataset's config, e.g. sst2 for glue ('' for its default)
+    data_dir: str = ''                # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
+    train_split: str = ''             # split to draw prompts from ('' for the dataset's own)
+    eval_split: str = ''              # held-out split scored before and after ('' for the dataset's own)
+    max_train_examples: int = 0       # cap on training prompts (0: all)
+    max_eval_examples: int = 200      # held-out prompts scored before and after (0: all)
+    rewards: list|None = None         # built-in rewards by name: math, classification, code, qa (None: the dataset's task)
+    reward_weights: list|None = None  # one weight per reward, the reward model last (None: all 1)
+    reward_model: str = ''            # a sequence-classification model (folder, run folder or hub id) whose score is a reward
+    run_tests: bool = False           # code reward: run each row's tests against the completion in the sandbox
+    grpo_beta: float = 0.0            # KL penalty against the starting model (0: no reference model is kept)
+    grpo_group_size: int = 8          # completions sampled per prompt (TRL's num_generations), at least 2
+    max_prompt_length: int = 256      # prompt tokens kept; longer prompts lose their beginning
+    max_completion_length: int = 32   # tokens generated per completion
+    temperature: float = 1.0          # sampling temperature of the completions
+    disable_dropout: bool = True      # no dropout in the policy: the log-probabilities trained on are those it sampled with
+    max_steps: int = 100              # optimizer steps
+    batch_size: int = 32              # completions per process per step (a multiple of grpo_group_size overall)
+    grad_accum: int = 1               # gradient accumulation steps (TRL: generation batches per step)
+    num_iterations: int = 1           # optimization passes over each generated batch (TRL's mu)
+    epsilon: float = 0.2              # clipping range of the policy ratio
+    loss_type: str = 'dapo'           # TRL loss normalisation: dapo, grpo, dr_grpo, bnpo
+    scale_rewards: str = 'group'      # divide advantages by the reward std of the group, the batch, or none
+    rl_learning_rate: float|None = None  # peak learning rate (None: 2e-4 for a model trained from a preset here, 1e-6 otherwise)
+    rl_warmup_steps: int = 0          # linear warmup steps
+    lr_scheduler: str = 'constant_with_warmup'  # transformers scheduler name (constant_with_warmup, cosine, linear, ...)
+    weight_decay: float = 0.0         # AdamW weight decay
+    max_grad_norm: float = 1.0        # gradient clipping
+    use_lora: bool = False            # train LoRA adapters (the reference model is then the adapters switched off)
+    lora_r: int = 16                  # LoRA rank
+    lora_alpha: int = 32              # LoRA scale numerator
+    lora_dropout: float = 0.05        # dropout on the adapters' input
+    lora_target_modules: list|None = None  # modules to adapt (None: the architecture's defaults)
+    merge_lora: bool = True           # also save the adapters merged into the base weights as <run>/model
+    seed: int = 42                    # seed for initialisation, prompt order and sampling
+    device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
+    dtype: str = 'auto'               # training precision: auto (bf16/fp16 mixed on CUDA, fp32 elsewhere), fp32, bf16, fp16
+    attn_implementation: str = 'auto' # auto, flash_attention_2, sdpa or eager
+    multi_gpu: bool = False           # one process per CUDA device (llmwb grpo --multi_gpu starts them with torchrun)
+    eval_batch_size: int = 64         # prompts per generation batch in the held-out evaluation
+    num_samples: int = 4              # prompts whose completions are kept from the first and the last step
+    logging_steps: int = 5            # log rewards, lengths and KL every this many steps
+    save_model: bool = True           # save the final model and tokenizer to <run>/model
+    run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
+    name: str = ''                    # readable run name; '' derives it from model, dataset and hyperparameters
+
+    def validate(self):
+        for k in ('grpo_group_size', 'max_prompt_length', 'max_completion_length', 'max_steps', 'batch_size', 'grad_accum',
+                  'num_iterations', 'eval_batch_size', 'logging_steps', 'lora_r'):
+            if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
+        for k in ('max_train_examples', 'max_eval_examples', 'rl_warmup_steps', 'num_samples'):
+            if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
+        if self.grpo_group_size < 2:
+            raise ConfigError(f"grpo_group_size must be >= 2, got {self.grpo_group_size}: GRPO compares each completion with the others of its prompt.")
+        if self.grpo_beta < 0: raise ConfigError(f"grpo_beta must be >= 0, got {self.grpo_beta}.")
+        if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}: GRPO needs sampled completions that differ.")
+        if self.rl_learning_rate is not None and not 0 < self.rl_learning_rate < 1:
+            raise ConfigError(f"rl_learning_rate must be in (0, 1), got {self.rl_learning_rate}.")
+        for k, allowed in (('loss_type', LOSS_TYPES), ('scale_rewards', SCALE_REWARDS), ('attn_implementation', ATTN_IMPLS)):
+            if getattr(self, k) not in allowed: raise ConfigError(f"Unknown {k} {getattr(self, k)!r}.", expected=f"one of {', '.join(allowed)}")
+        if self.rewards is not None:
+            self.rewards = [self.rewards] if isinstance(self.rewards, str) else list(self.rewards)
+            for r in self.rewards: get_reward(r)   # an unknown name lists the built-in ones
+        n = len(self.reward_names())
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in ([self.reward_weights] if isinstance(self.reward_weights, (int, float)) else self.reward_weights)]
+            if len(self.reward_weights) != n:
+                raise ConfigError(f"{len(self.reward_weights)} reward_weights for {n} rewards ({', '.join(self.reward_names())}).",
+                                  fix="give one weight per reward, the reward model's last.")
+        ws, g = launch_info().world_size, self.grpo_group_size
+        total = self.batch_size * ws * self.grad_accum
+        if total % g:
+            raise ConfigError(f"The global batch (batch_size {self.batch_size} x {ws} process(es) x grad_accum {self.grad_accum} = {total} completions) "
+                              f"is not a multiple of grpo_group_size {g}: every prompt's group of {g} completions must fit in one batch.",
+                              fix=f"use batch_size={g * math.ceil(self.batch_size / g)} (a multiple of {g}), or change grpo_group_size.")
+        if self.init_from and self.model != 'tiny-gpt2':
+            raise ConfigError(f"Both model={self.model!r} and init_from={self.init_from!r} say where to start.",
+                              fix="give init_from (a previous run's folder) or model, not both.")
+
+    def reward_names(self) -> list[str]:
+        "The rewards' names as logged: the built-in ones ('task' when the dataset decides), then 'reward_model'."
+        names = list(self.rewards) if self.rewards else ([] if self.reward_model else ['task'])
+        return names + (['reward_model'] if self.reward_model else [])
+
+    def start_model(self) -> str:
+        "What the policy is loaded from: init_from's run folder, or model."
+        return self.init_from or self.model
+
+    def data_name(self) -> str:
+        "The data part of run names."
+        if self.dataset in ('sample-arithmetic', 'sample-imdb'): return self.dataset
+        try: return get_spec(self.dataset, self.dataset_config or None).short_name()
+        except LlmwbError: return Path(self.dataset).stem if Path(self.dataset).suffix else self.dataset.rstrip('/').split('/')[-1]
+
+    def run_name(self) -> str:
+        if self.name: return self.name
+        src = self.start_model()
+        p = Path(src)
+        m = (p.name.split('_', 2)[-1] if self.init_from else p.name) if p.exists() else src.split('/')[-1]
+        beta = f"_beta{_fmt_num(self.grpo_beta)}" if self.grpo_beta else ''
+        return f"grpo_{m}_{self.data_name()}_g{self.grpo_group_size}{beta}_bs{self.batch_size * self.grad_accum}_steps{self.max_steps}"
+
+LOSS_TYPES = ('dapo', 'grpo', 'dr_grpo', 'bnpo')
+SCALE_REWARDS = ('group', 'batch', 'none')
+
+# %% ../nbs/08_grpo.ipynb #4d234290
+from trl import GRPOTrainer
+from .packing import _inner_lm
+
+class CompactGRPOTrainer(GRPOTrainer):
+    "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position."
+    def _compact_ok(self, model, extra:dict, compute_aux_loss:bool) -> bool:
+        if compute_aux_loss or any(v is not None for v in extra.values()): return False
+        if getattr(self, '_compact', None) is None:
+            inner = _inner_lm(self.accelerator.unwrap_model(model))
+            cfg = inner.config.get_text_config()
+            from llmwb.models import moe_info
+            self._compact = not (
+                next(model.parameters()).device.type in ('cuda', 'xpu') or self.accelerator.num_processes > 1
+                or self.args.cast_lm_head_to_fp32 or moe_info(cfg).is_moe
+                or any(getattr(cfg, a, None) not in (None, 1.0) for a in
+                       ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling'))
+                or not hasattr(inner, 'base_model') or inner.get_output_embeddings() is None)
+        return self._compact
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **extra):
+        if not self._compact_ok(model, extra, compute_aux_loss):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                              compute_entropy, compute_aux_loss, **extra)
+        inner = _inner_lm(model)
+        head = inner.get_output_embeddings()
+        entropy_grad = getattr(self.args, 'entropy_coef', 0.0) != 0.0
+        batch_size = batch_size or input_ids.size(0)
+        logps, ents = [], []
+        for b in range(0, input_ids.size(0), batch_size):
+            ids, am = input_ids[b:b + batch_size], attention_mask[b:b + batch_size]
+            with self.accelerator.autocast():
+                hidden = inner.base_model(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+            hidden = hidden[:, -logits_to_keep - 1:-1]          # position t predicts token t + 1
+            target, mask = ids[:, -logits_to_keep:], am[:, -logits_to_keep:].bool()
+            with self.accelerator.autocast():
+                logits = head(hidden[mask])
+            logp = (logits.float() / self.temperature).log_softmax(-1)
+            lp = logp.gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+            logps.append(lp.new_zeros(mask.shape).masked_scatter(mask, lp))
+            if compute_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    e = -(logp.exp() * logp).sum(-1)
+                ents.append(e.new_zeros(mask.shape).masked_scatter(mask, e))
+        return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
+
+# %% ../nbs/08_grpo.ipynb #897bc2ed
+import functools
+from .core import MetricsLog, atomic_write, get_device, check_launch
+from .models import load_model, resolve_model_source, add_lora, merge_lora, trainable_summary
+from .evaluation import generate_batched, score_generations
+from .sft import MetricsCallback, _open_run, _precision, log_run_metadata, _score_line
+
+def _reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
+    "The reward callables of `job` for data of `spec`, and their names as logged."
+    names = list(job.rewards) if job.rewards else ([] if job.reward_model else [TASK_REWARD[spec.task]])
+    funcs = [functools.partial(code_reward, run_tests=True) if n == 'code' and job.run_tests else get_reward(n) for n in names]
+    if job.reward_model:
+        funcs.append(RewardModelReward(job.reward_model, device)); names.append('reward_model')
+    return funcs, names
+
+class SampleRecorder:
+    "Wraps reward functions to keep the prompts, completions and rewards of the first and the latest generation batch."
+    def __init__(self, names:list[str], weights:list[float]):
+        self.names, self.weights, self.first, self.last = names, weights, None, None
+
+    def wrap(self, fn, name:str):
+        def reward(prompts=None, completions=None, trainer_state=None, **kw):
+            out = fn(prompts=prompts, completions=completions, **kw)
+            step = trainer_state.global_step if trainer_state is not None else 0
+            if self.last is None or self.last['step'] != step:
+                if self.last is not None and self.first is None: self.first = self.last
+                self.last = {'step': step, 'prompts': list(prompts), 'completions': [completion_text(c) for c in completions], 'rewards': {}}
+            self.last['rewards'][name] = [None if v is None else float(v) for v in out]
+            return out
+        reward.__name__ = name
+        return reward
+
+    def samples(self, which:str, n_prompts:int, group:int) -> list[dict]:
+        "Up to `n_prompts` prompts of the first or last batch, each with its group's completions and total rewards."
+        rec = (self.first or self.last) if which == 'first' else self.last
+        if rec is None: return []
+        out = []
+        for i in range(0, min(len(rec['prompts']), n_prompts * group), group):
+            comps = []
+            for j in range(i, min(i + group, len(rec['prompts']))):
+                vals = [(w, rec['rewards'][n][j]) for n, w in zip(self.names, self.weights) if rec['rewards'].get(n) and rec['rewards'][n][j] is not None]
+                comps.append({'completion': rec['completions'][j], 'reward': round(sum(w * v for w, v in vals), 4) if vals else None})
+            out.append({'step': rec['step'], 'prompt': rec['prompts'][i], 'completions': comps})
+        return out
+
+def evaluate_policy(model, tokenizer,       # the policy and its tokenizer
+                    ds,                     # rl rows: prompt, answer, label, source (+ kept columns)
+                    spec,                   # the rows' DatasetSpec
+                    funcs:list, names:list[str], weights:list[float]|None=None,  # rewards, their names and weights
+                    max_new_tokens:int=32, batch_size:int=64, n_samples:int=5) -> dict:
+    "Greedy completions of held-out prompts: the task's metrics (exact match, accuracy), the mean reward overall and per function."
+    rows = ds.to_list()
+    gens = generate_batched(model, tokenizer, [r['prompt'] for r in rows], max_new_tokens, batch_size, 'held-out prompts')
+    res = score_generations(rows, gens, {spec.key: spec})
+    cols = {c: [r[c] for r in rows] for c in ds.column_names if c != 'prompt'}
+    weights = weights or [1.0] * len(funcs)
+    per = [f(prompts=[r['prompt'] for r in rows], completions=gens, **cols) for f in funcs]
+    totals = []
+    for j in range(len(rows)):
+        got = [(w, p[j]) for w, p in zip(weights, per) if p[j] is not None]
+        totals.append(sum(w * v for w, v in got) if got else None)
+    mean = lambda xs: (sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))) if any(x is not None for x in xs) else None
+    res.update(reward=mean(totals), rewards={n: mean(p) for n, p in zip(names, per)})
+    res['samples'] = [dict(prompt_tail=r['prompt'][-70:], generated=g, reference=r['answer'], reward=t) for r, g, t in list(zip(rows, gens, totals))[:n_samples]]
+    return res
+
+def _score(res:dict) -> float|None:
+    "The task's headline metric of an evaluate_policy result: exact match, or accuracy."
+    m = next(iter(res['per_source'].values()))
+    return m.get('exact_match', m.get('accuracy', res.get('accuracy')))
+
+def train_grpo(job:GRPOJob,        # the job to run
+               quiet:bool=False,    # hide progress bars and prints
+               callbacks:list|None=None  # extra transformers TrainerCallbacks
+              ) -> RunResult:
+    "Run GRPO job `job`: load, score held-out prompts, train with TRL, score again, and record everything in its run folder."
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
+    from torch.utils.tensorboard import SummaryWriter
+    from trl import GRPOConfig
+    t_start = time.time()
+    # 1. everything that can fail on bad input happens before the run folder exists
+    launch = launch_info()
+    device = check_launch(get_device(job.device), launch, job.multi_gpu)
+    precision = _precision(job, device)
+    start = job.start_model()
+    src = resolve_model_source(start)      # a run folder without a saved model fails here
+    td = load_task(job.dataset, job.dataset_config or None, mode='rl', max_train=job.max_train_examples or None,
+                   max_eval=job.max_eval_examples or None, seed=job.seed, data_dir=job.data_dir or None,
+                   train_split=job.train_split or None, eval_split=job.eval_split or None)
+    lm = load_model(start, device=str(device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
+    if lm.is_seq2seq: raise ConfigError(f"GRPO trains causal LMs, and {start} is an encoder-decoder.", fix="start from a decoder-only model.")
+    funcs, names = _reward_funcs(job, td.spec, device)
+    weights = job.reward_weights or [1.0] * len(funcs)
+    train_ds, n_cut = limit_prompts(td.train, lm.tokenizer, job.max_prompt_length)
+    held_ds, n_cut_eval = limit_prompts(td.eval, lm.tokenizer, job.max_prompt_length)
+    model = add_lora(lm.model, job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_target_modules) if job.use_lora else lm.model
+    params = trainable_summary(model)
+    lr = job.rl_learning_rate or (2e-4 if _from_preset(src) else 1e-6)
+    ws = launch.world_size
+    facts = {'model': start, 'source': src.kind, **params, 'lora': job.use_lora, 'device': str(device),
+             'precision': dtype_name(get_dtype(job.dtype, device)), 'world_size': ws, 'data': td.spec.key, 'task': td.spec.task,
+             'n_train_prompts': len(train_ds), 'n_eval_prompts': len(held_ds), 'prompts_truncated': n_cut, 'eval_prompts_truncated': n_cut_eval,
+             'rewards': ', '.join(f"{n} x{w:g}" for n, w in zip(names, weights)), 'group_size': job.grpo_group_size,
+             'completions_per_step': job.batch_size * ws * job.grad_accum, 'prompts_per_step': job.batch_size * ws * job.grad_accum // job.grpo_group_size,
+             'lr': lr, 'beta': job.grpo_beta}
+    # 2. the run
+    run_dir = _open_run(job, launch, None, device)
+    main = launch.is_main
+    mlog = MetricsLog(run_dir)
+    say = print if main and not quiet else (lambda *a: None)
+    try:
+        say(f"run folder: {run_dir}")
+        say(f"policy: {start} ({params['total_params']:,} params, {params['trainable_params']:,} trainable) on {device}")
+        say(f"prompts: {td.spec.key} ({td.spec.task}), {len(train_ds):,} train, {len(held_ds):,} held out; "
+            f"{n_cut} train and {n_cut_eval} held-out prompts cut to their last {job.max_prompt_length} tokens")
+        say(f"rewards: {facts['rewards']}; {facts['prompts_per_step']} prompts x {job.grpo_group_size} completions per step, lr {lr:g}")
+        if job.grpo_beta and not job.use_lora:
+            if src.kind == 'local': model.config._name_or_path = src.path   # TRL reloads the reference from here
+            elif main:
+                ref = run_dir/'reference_model'
+                lm.model.save_pretrained(ref); lm.tokenizer.save_pretrained(ref)
+                model.config._name_or_path = str(ref)
+            if launch.distributed:
+                import torch.distributed as dist
+                box = [model.config._name_or_path]; dist.broadcast_object_list(box, src=0); model.config._name_or_path = box[0]
+        evaluate = lambda: evaluate_policy(model, lm.tokenizer, held_ds, td.spec, funcs, names, weights, job.max_completion_length, job.eval_batch_size)
+        before = evaluate() if main else None
+        if main: say(f"held-out before: {_score_line(next(iter(before['per_source'].values())))}, mean reward {before['reward']:.3f}")
+        set_seed(job.seed)
+        rec = SampleRecorder(names, weights)
+        args = GRPOConfig(
+            output_dir=str(run_dir/'checkpoints'), per_device_train_batch_size=job.batch_size, gradient_accumulation_steps=job.grad_accum,
+            num_generations=job.grpo_group_size, max_completion_length=job.max_completion_length, temperature=job.temperature,
+            beta=job.grpo_beta, num_iterations=job.num_iterations, epsilon=job.epsilon, loss_type=job.loss_type,
+            scale_rewards=job.scale_rewards, reward_weights=weights, disable_dropout=job.disable_dropout, learning_rate=lr, warmup_steps=job.rl_warmup_steps,
+            lr_scheduler_type=job.lr_scheduler, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm, max_steps=job.max_steps,
+            logging_steps=job.logging_steps, logging_first_step=True, save_strategy='no', report_to='none', seed=job.seed, data_seed=job.seed,
+            use_cpu=device.type == 'cpu', remove_unused_columns=False, disable_tqdm=quiet or not main,
+            ddp_find_unused_parameters=False if ws > 1 else None, **precision)
+        tb = SummaryWriter(str(run_dir/'tensorboard')) if main else None
+        cbs = [MetricsCallback(mlog)] + ([TensorBoardCallback(tb)] if main else []) + list(callbacks or [])
+        trainer = CompactGRPOTrainer(model=model, reward_funcs=[rec.wrap(f, n) for f, n in zip(funcs, names)], args=args,
+                                     train_dataset=train_ds, processing_class=lm.tokenizer, callbacks=cbs)
+        if quiet or not main: trainer.remove_callback(PrinterCallback)
+        if main:
+            log_run_metadata(tb, job, facts)
+            tb.add_scalar('heldout/reward', before['reward'] or 0.0, 0)
+        t0 = time.time()
+        out = trainer.train()
+        train_time = time.time() - t0
+        if not main: return RunResult(run_dir, {'status': 'completed', 'rank': launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
+        after = evaluate()
+        say(f"held-out after:  {_score_line(next(iter(after['per_source'].values())))}, mean reward {after['reward']:.3f}")
+        tb.add_scalar('heldout/reward', after['reward'] or 0.0, out.global_step)
+        samples = {'start': rec.samples('first', job.num_samples, job.grpo_group_size), 'end': rec.samples('last', job.num_samples, job.grpo_group_size)}
+        atomic_write(run_dir/'samples.json', json.dumps(samples, indent=1))
+        tb.add_text('samples/start', _samples_md(samples['start']), 0); tb.add_text('samples/end', _samples_md(samples['end']), out.global_step)
+        tb.close()
+        if job.save_model:
+            save = lambda m, sub: (m.save_pretrained(run_dir/sub), lm.tokenizer.save_pretrained(run_dir/sub))
+            if job.use_lora: save(model, 'adapter')
+            if job.use_lora and job.merge_lora: model = merge_lora(model)
+            if job.merge_lora or not job.use_lora: save(model, 'model')
+        records = mlog.read()
+        curves = reward_curves(records, names)
+        plot_rewards(records, names, run_dir/'plots'/'rewards.png', title=f"GRPO {start if not job.init_from else Path(start).name} on {td.spec.key}")
+        metrics = {'status': 'completed', 'steps': out.global_step, 'data': td.spec.key, 'task': td.spec.task,
+                   'score_before': _score(before), 'score_after': _score(after), 'reward_before': before['reward'], 'reward_after': after['reward'],
+                   'rewards_before': before['rewards'], 'rewards_after': after['rewards'], 'parse_rate_before': before['parse_rate'],
+                   'parse_rate_after': after['parse_rate'], **curves, 'train_loss': out.training_loss, 'lr': lr,
+                   'train_runtime_s': round(train_time, 2), 'steps_per_s': round(out.global_step / max(train_time, 1e-9), 3),
+                   'wall_time_s': round(time.time() - t_start, 2), **{k: facts[k] for k in ('prompts_truncated', 'eval_prompts_truncated',
+                   'n_train_prompts', 'n_eval_prompts', 'rewards', 'group_size', 'completions_per_step', 'prompts_per_step', 'precision', 'world_size')},
+                   **lm.summary(), **params, 'init_from': job.init_from or None, 'samples_after': after['samples']}
+        mlog.write_final(metrics)
+    except BaseException as e:
+        if main: mlog.write_final({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'wall_time_s': round(time.time() - t_start, 2)})
+        raise
+    return RunResult(run_dir, metrics, model, lm.tokenizer)
+
+def _from_preset(src) -> bool:
+    "Whether the policy is a preset, or a run's model that llmwb trained from one (a small model that takes a large learning rate)."
+    if src.kind == 'preset': return True
+    p = Path(src.path)
+    return p.name == 'model' and _from_preset_chain(p.parent)
+
+def _from_preset_chain(run:Path) -> bool:
+    "Whether the run folder `run` descends, through model/init_from fields, from a preset."
+    from llmwb.models import PRESETS
+    for _ in range(8):
+        try: cfg = json.loads((run/'config.json').read_text())
+        except (OSError, ValueError): return False
+        m = cfg.get('init_from') or cfg.get('model')
+        if m in PRESETS: return True
+        if not m: return False
+        run = Path(m).parent if Path(m).name == 'model' else Path(m)
+    return False
+
+def _samples_md(groups:list[dict]) -> str:
+    return '\n\n'.join(f"**prompt** `{g['prompt'][-120:]!r}`\n\n" + '\n'.join(f"- ({c['reward']}) `{c['completion']!r}`" for c in g['completions']) for g in groups)
+
+def reward_curves(records:list[dict], names:list[str]) -> dict:
+    "Mean logged reward over the first and the last 20% of the logged steps, and the gain."
+    pts = [(r['step'], r['reward']) for r in records if r.get('reward') is not None]
+    if not pts: return {'reward_first20': None, 'reward_last20': None, 'reward_gain': None}
+    k = max(1, round(len(pts) * 0.2))
+    first, last = sum(v for _, v in pts[:k]) / k, sum(v for _, v in pts[-k:]) / k
+    return {'reward_first20': round(first, 4), 'reward_last20': round(last, 4), 'reward_gain': round(last - first, 4)}
+
+def plot_rewards(records:list[dict], names:list[str], path=None, title:str=''):
+    "The mean reward per step with each function's reward, the completion length, and the KL when it was logged."
+    import matplotlib
+    if not os.environ.get('DISPLAY') and 'ipykernel' not in sys.modules: matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    kl = any(r.get('kl') is not None for r in records)
+    fig, axes = plt.subplots(1, 3 if kl else 2, figsize=(15 if kl else 10, 3.5), squeeze=False)
+    ax = axes[0][0]
+    series = [('reward', 'reward (weighted sum)')] + [(f'rewards/{n}/mean', n) for n in names if len(names) > 1]
+    for key, label in series:
+        pts = [(r['step'], r[key]) for r in records if r.get(key) is not None]
+        if pts: ax.plot(*zip(*pts), label=label, marker='.' if len(pts) < 40 else None)
+    ax.set_xlabel('step'); ax.set_ylabel('mean reward of the sampled completions'); ax.grid(alpha=.3); ax.legend(fontsize=8)
+    for ax, key, lab in zip(axes[0][1:], ['completions/mean_length', 'kl'], ['completion tokens (mean)', 'KL to the reference']):
+        pts = [(r['step'], r[key]) for r in records if r.get(key) is not None]
+        if pts: ax.plot(*zip(*pts), marker='.' if len(pts) < 40 else None)
+        ax.set_xlabel('step'); ax.set_ylabel(lab); ax.grid(alpha=.3)
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    if path:
+        import io
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100); atomic_write(path, buf.getvalue())
+    plt.close(fig)
+    return fig

@@ -102,7 +102,13 @@ class ModelSource:
     path: str
     offline: bool = False
 
-def resolve_model_source(name:str # preset name, local folder or hub id
+def _run_job(p:Path) -> str|None:
+    "The job type of llmwb run folder `p` (from its config.json), or None when `p` is not a run folder."
+    try: saved = json.loads((p/'config.json').read_text()) if p.is_dir() else None
+    except (OSError, ValueError): return None
+    return saved.get('job') if isinstance(saved, dict) and isinstance(saved.get('job'), str) else None
+
+def resolve_model_source(name:str # preset name, local folder, an llmwb run folder (its model/), or hub id
                         ) -> ModelSource:
     "Resolve `name` to a preset, a local folder or a loadable hub id, or raise `ModelNotFoundError` at once."
     if not isinstance(name, str) or not name.strip():
@@ -110,10 +116,17 @@ def resolve_model_source(name:str # preset name, local folder or hub id
     if name in PRESETS: return ModelSource(name, 'preset', name)
     p = Path(name).expanduser()
     if p.exists():
+        run = _run_job(p)
+        if run is not None:   # an llmwb run folder: the model it saved
+            if (p/'model'/'config.json').exists(): return ModelSource(name, 'local', str(p/'model'))
+            held = ', '.join(sorted(x.name for x in p.iterdir())) or 'nothing'
+            raise ModelNotFoundError(f"Run folder {str(p)!r} ({run}) holds no saved model (model/config.json) to start from; it holds {held}.",
+                                     expected="a run folder with model/ (written when a run ends with save_model=True; LoRA runs also need merge_lora=True)",
+                                     fix="point at a run that saved its model, or rerun that stage with save_model=True.")
         if not (p/'config.json').exists():
             raise ModelNotFoundError(f"Local model folder {str(p)!r} has no config.json.",
-                                     expected="a folder written by model.save_pretrained() (config.json plus weights)",
-                                     fix="point model= at the folder holding config.json, e.g. a run's model/ folder.")
+                                     expected="a folder written by model.save_pretrained() (config.json plus weights), or an llmwb run folder with model/",
+                                     fix="point model= at the folder holding config.json, e.g. a run's model/ folder, or at the run folder.")
         return ModelSource(name, 'local', str(p))
     presets = ', '.join(PRESETS)
     if looks_like_path(name, ('.bin', '.safetensors')):
@@ -126,7 +139,7 @@ def resolve_model_source(name:str # preset name, local folder or hub id
         expected=f"an offline preset ({presets}), a local folder saved with save_pretrained(), or a hub id that is cached",
         fix=f"use model='tiny-gpt2', or download {name!r} on a connected machine and pass its folder as model=/path/to/folder.")
 
-# %% ../nbs/04_models.ipynb #bfa8d29c
+# %% ../nbs/04_models.ipynb #ede8589a
 def load_tokenizer(name:str # preset name, local folder or hub id
                   ) -> PreTrainedTokenizerBase:
     "The tokenizer for model `name`, with a pad token (eos when it has none)."
@@ -250,7 +263,7 @@ def load_model(name:str='tiny-gpt2',         # preset name, local folder or hub 
     reason = choice.reason if used == choice.impl else f"requested {choice.impl} ({choice.reason}) but the model uses {used}"
     return LoadedModel(model, tok, src, dev, dt, used, reason, sum(p.numel() for p in model.parameters()))
 
-# %% ../nbs/04_models.ipynb #0e0b921f
+# %% ../nbs/04_models.ipynb #da5f3708
 _N_EXPERT_FIELDS = ('num_local_experts', 'num_experts', 'n_routed_experts', 'moe_num_experts')
 _TOPK_FIELDS = ('num_experts_per_tok', 'moe_topk', 'top_k', 'num_selected_experts', 'moe_k')
 
@@ -278,7 +291,7 @@ def moe_info(config) -> MoEInfo:
     shared = d.get('n_shared_experts') or d.get('num_shared_experts') or (1 if (d.get('shared_expert_intermediate_size') or 0) > 0 else 0)
     return MoEInfo(n[1], min(k[1], n[1]), int(shared or 0), {n[0]: n[1], k[0]: k[1]})
 
-# %% ../nbs/04_models.ipynb #1d0038e0
+# %% ../nbs/04_models.ipynb #647ee39b
 def _meta_model(config):
     "The model of `config` on the meta device, built by the Auto class `load_model` would use."
     with torch.device('meta'): return _model_class(config)[1].from_config(config)
@@ -302,7 +315,7 @@ def param_counts(model_or_config) -> dict:
     return dict(total=total, experts=expert, active=active, embeddings=embed, matrices=matrix, n_experts=info.n_experts,
                 n_active_experts=info.n_active, n_shared_experts=info.n_shared)
 
-# %% ../nbs/04_models.ipynb #674e250d
+# %% ../nbs/04_models.ipynb #b195c1da
 _FALLBACK_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'c_attn', 'query_key_value', 'Wqkv', 'qkv_proj', 'q', 'v')
 
 def lora_targets(config) -> list[str]:
@@ -363,7 +376,7 @@ def recommend(estimates:list[dict],  # from memory_estimate
     raise ConfigError(f"Even 4-bit QLoRA needs {least['total'] / 2**30:.2f} GiB for weights and training state; the budget is {budget_gb:g} GiB.",
                       fix="use several devices, a smaller model, or a larger memory budget.")
 
-# %% ../nbs/04_models.ipynb #d41da80f
+# %% ../nbs/04_models.ipynb #942f095c
 def _linear_modules(model) -> dict:
     "Name -> module of every linear layer (Linear, GPT-2's Conv1D, bitsandbytes' layers) except the output head."
     from transformers.pytorch_utils import Conv1D

@@ -13,13 +13,13 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, looks_like_path
-from .data import load_raw_dataset, make_sample_imdb, _DATA_SUFFIXES
+from .data import load_raw_dataset, make_sample_imdb, make_sample_arithmetic, _DATA_SUFFIXES
 
 # %% auto #0
 __all__ = ['TASK_TYPES', 'MODES', 'LETTERS', 'REGISTRY', 'MMLU_SUBJECTS', 'MATH_MODULES', 'MODE_COLUMNS',
-           'DEFAULT_STREAM_EXAMPLES', 'DatasetSpec', 'label_id', 'harmonize', 'register_dataset', 'unregister_dataset',
-           'get_spec', 'gsm8k_answer', 'fiqa_sentiment', 'list_datasets', 'format_dataset', 'detect_task', 'TaskData',
-           'resolve_dataset', 'load_task']
+           'DEFAULT_STREAM_EXAMPLES', 'SAMPLE_ARITHMETIC', 'DatasetSpec', 'label_id', 'harmonize', 'register_dataset',
+           'unregister_dataset', 'get_spec', 'gsm8k_answer', 'fiqa_sentiment', 'list_datasets', 'format_dataset',
+           'detect_task', 'TaskData', 'resolve_dataset', 'load_task']
 
 # %% ../nbs/01a_registry.ipynb #5374d6dc
 TASK_TYPES = ('classification', 'multiple_choice', 'qa', 'math', 'code', 'pretraining')
@@ -489,10 +489,15 @@ class TaskData:
 
 DEFAULT_STREAM_EXAMPLES = 10_000
 
+# the generated word problems (llmwb.data.make_sample_arithmetic): a math task outside the catalogue of hub datasets
+SAMPLE_ARITHMETIC = DatasetSpec('sample-arithmetic', 'sample-arithmetic', 'math', answer_col='answer', answer_fn=gsm8k_answer,
+                                template="Question: {question}\nAnswer:", notes='generated offline (llmwb.data.make_sample_arithmetic)')
+
 def resolve_dataset(name:str, config:str|None=None, data_dir=None) -> tuple[DatasetSpec, object]:
     "The spec of `name` and what to load it from (a hub id or mirror, a path, or an in-memory dataset)."
     s = str(name).strip()
     if s == 'sample-imdb': return get_spec('imdb', config), make_sample_imdb()
+    if s == 'sample-arithmetic': return SAMPLE_ARITHMETIC, make_sample_arithmetic()
     if _norm(s) in _ALIASES: return get_spec(s, config), None
     p = Path(s).expanduser()
     if p.exists() or looks_like_path(s, _DATA_SUFFIXES) or '/' in s:
