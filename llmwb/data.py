@@ -183,7 +183,7 @@ def _arith_problem(rng:random.Random, max_operand:int) -> tuple[str, str]:
 def make_sample_arithmetic(n_train:int=3000,  # problems in the train split
                            n_test:int=300,    # problems in the test split
                            seed:int=0,        # the generator's seed; the same seed gives the same problems everywhere
-                           max_operand:int=20 # largest number added or subtracted (products are of 2..9)
+                           max_operand:int=10 # largest number added or subtracted (products are of 2..9)
                           ) -> DatasetDict:
     "Offline arithmetic word problems ('train', 'test'; question, answer) in GSM8K's format, no question repeated."
     if max_operand < 2: raise DatasetError(f"max_operand must be >= 2, got {max_operand}.")
