@@ -17,7 +17,8 @@ __all__ = ['ATTN_IMPLS', 'LlmwbError', 'ConfigError', 'DeviceError', 'Dependency
            'DatasetNotFoundError', 'EmptyDatasetError', 'available_devices', 'get_device', 'get_dtype', 'dtype_name',
            'Launch', 'launch_info', 'check_launch', 'AttentionChoice', 'flash_attn_available', 'resolve_attention',
            'set_seed', 'hub_reachable', 'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify',
-           'free_run_dir', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'plot_metrics']
+           'free_run_dir', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'pyplot', 'save_figure',
+           'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
 class LlmwbError(Exception):
@@ -440,15 +441,26 @@ class RunResult:
     def __getitem__(self, k): return self.metrics[k]
 
 # %% ../nbs/00_core.ipynb #7e1fff1b
+def pyplot():
+    "matplotlib's pyplot, on the Agg backend when there is no display and no notebook kernel (papermill, CI, scripts)."
+    import matplotlib
+    if not os.environ.get('DISPLAY') and 'ipykernel' not in sys.modules: matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+def save_figure(fig, path:str|Path):
+    "Write `fig` as a PNG to `path` atomically (parent folders created)."
+    import io
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100); atomic_write(path, buf.getvalue())
+
 def plot_metrics(records:list[dict],   # lines from `MetricsLog.read()`
                  keys:list[str],        # metrics to draw, one panel each
                  path:str|Path=None,    # where to save the PNG (optional)
                  title:str=''           # figure title
                 ):
     "Plot `keys` against step from `records`, save to `path` if given, and return the figure."
-    import matplotlib
-    if not os.environ.get('DISPLAY') and 'ipykernel' not in sys.modules: matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5*len(keys), 3.5), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(r['step'], r[k]) for r in records if r.get(k) is not None]
@@ -459,8 +471,6 @@ def plot_metrics(records:list[dict],   # lines from `MetricsLog.read()`
         ax.set_xlabel('step'); ax.set_ylabel(k); ax.grid(alpha=.3)
     if title: fig.suptitle(title)
     fig.tight_layout()
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        buf = __import__('io').BytesIO(); fig.savefig(buf, format='png', dpi=100); atomic_write(path, buf.getvalue())
+    if path: save_figure(fig, path)
     plt.close(fig)
     return fig

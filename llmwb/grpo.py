@@ -14,7 +14,8 @@ from .evaluation import extract_number, numbers_match, parse_label, token_f1
 __all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
            'math_reward', 'classification_reward', 'extract_code', 'defines', 'run_sandboxed', 'code_reward',
            'qa_reward', 'get_reward', 'combine_rewards', 'RewardModelReward', 'limit_prompts', 'GRPOJob',
-           'CompactGRPOTrainer', 'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves', 'plot_rewards']
+           'CompactGRPOTrainer', 'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves', 'plot_rewards',
+           'evaluate_stages', 'plot_stages']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -373,6 +374,8 @@ class CompactGRPOTrainer(GRPOTrainer):
                 or any(getattr(cfg, a, None) not in (None, 1.0) for a in
                        ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling'))
                 or not hasattr(inner, 'base_model') or inner.get_output_embeddings() is None)
+            import inspect
+            self._takes_positions = 'position_ids' in inspect.signature(inner.base_model.forward).parameters
         return self._compact
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -387,8 +390,9 @@ class CompactGRPOTrainer(GRPOTrainer):
         logps, ents = [], []
         for b in range(0, input_ids.size(0), batch_size):
             ids, am = input_ids[b:b + batch_size], attention_mask[b:b + batch_size]
+            pos = {'position_ids': (am.cumsum(-1) - 1).clamp(min=0)} if self._takes_positions else {}   # as generate() numbers them
             with self.accelerator.autocast():
-                hidden = inner.base_model(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state
+                hidden = inner.base_model(input_ids=ids, attention_mask=am, use_cache=False, **pos).last_hidden_state
             hidden = hidden[:, -logits_to_keep - 1:-1]          # position t predicts token t + 1
             target, mask = ids[:, -logits_to_keep:], am[:, -logits_to_keep:].bool()
             with self.accelerator.autocast():
@@ -404,7 +408,7 @@ class CompactGRPOTrainer(GRPOTrainer):
 
 # %% ../nbs/08_grpo.ipynb #897bc2ed
 import functools
-from .core import MetricsLog, atomic_write, get_device, check_launch
+from .core import MetricsLog, atomic_write, get_device, check_launch, pyplot, save_figure
 from .models import load_model, resolve_model_source, add_lora, merge_lora, trainable_summary
 from .evaluation import generate_batched, score_generations
 from .sft import MetricsCallback, _open_run, _precision, log_run_metadata, _score_line
@@ -614,9 +618,7 @@ def reward_curves(records:list[dict], names:list[str]) -> dict:
 
 def plot_rewards(records:list[dict], names:list[str], path=None, title:str=''):
     "The mean reward per step with each function's reward, the completion length, and the KL when it was logged."
-    import matplotlib
-    if not os.environ.get('DISPLAY') and 'ipykernel' not in sys.modules: matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     kl = any(r.get('kl') is not None for r in records)
     fig, axes = plt.subplots(1, 3 if kl else 2, figsize=(15 if kl else 10, 3.5), squeeze=False)
     ax = axes[0][0]
@@ -631,9 +633,45 @@ def plot_rewards(records:list[dict], names:list[str], path=None, title:str=''):
         ax.set_xlabel('step'); ax.set_ylabel(lab); ax.grid(alpha=.3)
     if title: fig.suptitle(title)
     fig.tight_layout()
-    if path:
-        import io
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=100); atomic_write(path, buf.getvalue())
+    if path: save_figure(fig, path)
+    plt.close(fig)
+    return fig
+
+# %% ../nbs/08_grpo.ipynb #9192d83e
+def evaluate_stages(stages:dict,                      # stage name -> preset, model folder or run folder
+                    dataset:str='sample-arithmetic',  # a dataset with the rl mode
+                    dataset_config:str='',            # its config
+                    max_eval_examples:int=300,        # held-out prompts (0: all)
+                    max_new_tokens:int=32,            # tokens generated per prompt
+                    rewards:list|None=None,           # built-in rewards (None: the dataset's task)
+                    seed:int=42,                      # seed of the held-out sample (and of a preset's random weights)
+                    device:str='auto', data_dir:str='') -> list[dict]:
+    "One row per stage: its held-out greedy score (exact match or accuracy), mean reward, and parse rate."
+    job = GRPOJob(dataset=dataset, dataset_config=dataset_config, rewards=rewards, seed=seed, device=device, data_dir=data_dir)
+    td = load_task(dataset, dataset_config or None, mode='rl', max_train=1, max_eval=max_eval_examples or None, seed=seed,
+                   data_dir=data_dir or None)
+    rows = []
+    for stage, src in stages.items():
+        lm = load_model(str(src), device=device, dtype='fp32', seed=seed)
+        funcs, names = _reward_funcs(job, td.spec, lm.device)
+        held, _ = limit_prompts(td.eval, lm.tokenizer, job.max_prompt_length)
+        res = evaluate_policy(lm.model, lm.tokenizer, held, td.spec, funcs, names, None, max_new_tokens)
+        rows.append({'stage': stage, 'model': str(src), 'score': _score(res), 'reward': res['reward'], 'parse_rate': res['parse_rate'],
+                     'n': res['n'], 'sample': res['samples'][0]['generated']})
+    return rows
+
+def plot_stages(rows:list[dict], path=None, title:str='Held-out, greedy, after each stage', metric:str='exact match'):
+    "Bars of each stage's held-out score and mean reward."
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 3.5))
+    x = range(len(rows)); w = 0.38
+    for off, key, lab in ((-w / 2, 'score', metric), (w / 2, 'reward', 'mean reward')):
+        vals = [r[key] or 0 for r in rows]
+        bars = ax.bar([i + off for i in x], vals, w, label=lab)
+        for b, v in zip(bars, vals): ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha='center', va='bottom', fontsize=8)
+    ax.set_xticks(list(x)); ax.set_xticklabels([r['stage'] for r in rows]); ax.set_ylim(0, 1.05); ax.legend(fontsize=8); ax.grid(alpha=.3, axis='y')
+    ax.set_title(title)
+    fig.tight_layout()
+    if path: save_figure(fig, path)
     plt.close(fig)
     return fig

@@ -24,3 +24,15 @@ def mirror(tmp_path_factory):
     "The offline fixture mirror of the whole catalogue (generated once per test session)."
     from llmwb.fixtures import write_fixture_mirror
     return write_fixture_mirror(tmp_path_factory.mktemp('data')/'mirror')
+
+def pytest_addoption(parser):
+    parser.addoption('--slow', action='store_true', help="also run the tests marked slow (minutes each; CI leaves them out)")
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: minutes-long learning checks; run with --slow')
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption('--slow'): return
+    skip = pytest.mark.skip(reason='slow: run with --slow')
+    for item in items:
+        if 'slow' in item.keywords: item.add_marker(skip)
