@@ -14,8 +14,8 @@ from .evaluation import extract_number, numbers_match, parse_label, token_f1
 __all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
            'math_reward', 'classification_reward', 'extract_code', 'defines', 'run_sandboxed', 'code_reward',
            'qa_reward', 'get_reward', 'combine_rewards', 'RewardModelReward', 'limit_prompts', 'GRPOJob',
-           'CompactGRPOTrainer', 'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves', 'plot_rewards',
-           'evaluate_stages', 'plot_stages']
+           'CompactGRPOTrainer', 'weighted_total', 'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves',
+           'plot_rewards', 'evaluate_stages', 'plot_stages']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -358,7 +358,7 @@ SCALE_REWARDS = ('group', 'batch', 'none')
 
 # %% ../nbs/08_grpo.ipynb #4d234290
 from trl import GRPOTrainer
-from .packing import _inner_lm
+from .packing import _inner_lm, _plain_head
 
 class CompactGRPOTrainer(GRPOTrainer):
     "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position."
@@ -366,14 +366,11 @@ class CompactGRPOTrainer(GRPOTrainer):
         if compute_aux_loss or any(v is not None for v in extra.values()): return False
         if getattr(self, '_compact', None) is None:
             inner = _inner_lm(self.accelerator.unwrap_model(model))
-            cfg = inner.config.get_text_config()
             from llmwb.models import moe_info
             self._compact = not (
                 next(model.parameters()).device.type in ('cuda', 'xpu') or self.accelerator.num_processes > 1
-                or self.args.cast_lm_head_to_fp32 or moe_info(cfg).is_moe
-                or any(getattr(cfg, a, None) not in (None, 1.0) for a in
-                       ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling'))
-                or not hasattr(inner, 'base_model') or inner.get_output_embeddings() is None)
+                or self.args.cast_lm_head_to_fp32 or moe_info(inner.config.get_text_config()).is_moe
+                or not _plain_head(inner))
             import inspect
             self._takes_positions = 'position_ids' in inspect.signature(inner.base_model.forward).parameters
         return self._compact
@@ -421,6 +418,16 @@ def _reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
         funcs.append(RewardModelReward(job.reward_model, device)); names.append('reward_model')
     return funcs, names
 
+def weighted_total(values:list, weights:list[float]) -> float|None:
+    "A completion's reward as TRL sums it: the weighted sum of the rewards that apply (not None); None when none does."
+    got = [(w, v) for w, v in zip(weights, values) if v is not None]
+    return sum(w * v for w, v in got) if got else None
+
+def _mean(xs:list) -> float|None:
+    "The mean of the values that are not None (None when there are none)."
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
 class SampleRecorder:
     "Wraps reward functions to keep the prompts, completions and rewards of the first and the latest generation batch."
     def __init__(self, names:list[str], weights:list[float]):
@@ -446,8 +453,8 @@ class SampleRecorder:
         for i in range(0, min(len(rec['prompts']), n_prompts * group), group):
             comps = []
             for j in range(i, min(i + group, len(rec['prompts']))):
-                vals = [(w, rec['rewards'][n][j]) for n, w in zip(self.names, self.weights) if rec['rewards'].get(n) and rec['rewards'][n][j] is not None]
-                comps.append({'completion': rec['completions'][j], 'reward': round(sum(w * v for w, v in vals), 4) if vals else None})
+                total = weighted_total([rec['rewards'][n][j] if rec['rewards'].get(n) else None for n in self.names], self.weights)
+                comps.append({'completion': rec['completions'][j], 'reward': None if total is None else round(total, 4)})
             out.append({'step': rec['step'], 'prompt': rec['prompts'][i], 'completions': comps})
         return out
 
@@ -463,12 +470,8 @@ def evaluate_policy(model, tokenizer,       # the policy and its tokenizer
     cols = {c: [r[c] for r in rows] for c in ds.column_names if c != 'prompt'}
     weights = weights or [1.0] * len(funcs)
     per = [f(prompts=[r['prompt'] for r in rows], completions=gens, **cols) for f in funcs]
-    totals = []
-    for j in range(len(rows)):
-        got = [(w, p[j]) for w, p in zip(weights, per) if p[j] is not None]
-        totals.append(sum(w * v for w, v in got) if got else None)
-    mean = lambda xs: (sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))) if any(x is not None for x in xs) else None
-    res.update(reward=mean(totals), rewards={n: mean(p) for n, p in zip(names, per)})
+    totals = [weighted_total(vals, weights) for vals in zip(*per)]
+    res.update(reward=_mean(totals), rewards={n: _mean(p) for n, p in zip(names, per)})
     res['samples'] = [dict(prompt_tail=r['prompt'][-70:], generated=g, reference=r['answer'], reward=t) for r, g, t in list(zip(rows, gens, totals))[:n_samples]]
     return res
 
@@ -571,7 +574,7 @@ def train_grpo(job:GRPOJob,        # the job to run
             if job.use_lora and job.merge_lora: model = merge_lora(model)
             if job.merge_lora or not job.use_lora: save(model, 'model')
         records = mlog.read()
-        curves = reward_curves(records, names)
+        curves = reward_curves(records)
         plot_rewards(records, names, run_dir/'plots'/'rewards.png', title=f"GRPO {start if not job.init_from else Path(start).name} on {td.spec.key}")
         metrics = {'status': 'completed', 'steps': out.global_step, 'data': td.spec.key, 'task': td.spec.task,
                    'score_before': _score(before), 'score_after': _score(after), 'reward_before': before['reward'], 'reward_after': after['reward'],
@@ -608,7 +611,7 @@ def _from_preset_chain(run:Path) -> bool:
 def _samples_md(groups:list[dict]) -> str:
     return '\n\n'.join(f"**prompt** `{g['prompt'][-120:]!r}`\n\n" + '\n'.join(f"- ({c['reward']}) `{c['completion']!r}`" for c in g['completions']) for g in groups)
 
-def reward_curves(records:list[dict], names:list[str]) -> dict:
+def reward_curves(records:list[dict]) -> dict:
     "Mean logged reward over the first and the last 20% of the logged steps, and the gain."
     pts = [(r['step'], r['reward']) for r in records if r.get('reward') is not None]
     if not pts: return {'reward_first20': None, 'reward_last20': None, 'reward_gain': None}
@@ -637,7 +640,7 @@ def plot_rewards(records:list[dict], names:list[str], path=None, title:str=''):
     plt.close(fig)
     return fig
 
-# %% ../nbs/08_grpo.ipynb #9192d83e
+# %% ../nbs/08_grpo.ipynb #7b713519
 def evaluate_stages(stages:dict,                      # stage name -> preset, model folder or run folder
                     dataset:str='sample-arithmetic',  # a dataset with the rl mode
                     dataset_config:str='',            # its config

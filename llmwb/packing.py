@@ -207,6 +207,14 @@ def _inner_lm(model):
     "The transformers model under a peft wrapper (LoRA layers injected in place), else the model itself."
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
+_HEAD_SCALES = ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling')
+
+def _plain_head(inner) -> bool:
+    "Whether the causal LM `inner` is a backbone plus an output projection with no logit scaling or softcapping."
+    cfg = inner.config.get_text_config()
+    return (hasattr(inner, 'base_model') and inner.get_output_embeddings() is not None
+            and all(getattr(cfg, a, None) in (None, 1.0) for a in _HEAD_SCALES))
+
 def _backbone(model):
     inner = _inner_lm(getattr(model, 'module', model))   # DDP wraps in .module
     return inner, getattr(inner, 'base_model', inner)

@@ -19,7 +19,7 @@ from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
 from .evaluation import generative_eval, plot_confusion
 from .models import (load_model, load_config, resolve_model_source, moe_info, quantization_config, add_lora, merge_lora,
                           trainable_summary)
-from .packing import pack_dataset, PackedCollator, enable_packed_attention, _inner_lm
+from .packing import pack_dataset, PackedCollator, enable_packed_attention, _inner_lm, _plain_head
 
 # %% auto #0
 __all__ = ['BEST_METRICS', 'RESUME_FIELDS', 'SFTJob', 'MetricsCallback', 'CompletionSFTTrainer', 'seq2seq_features',
@@ -176,9 +176,7 @@ class CompletionSFTTrainer(SFTTrainer):
                 or any(c.peft_type != 'LORA' for c in getattr(model, 'peft_config', {}).values())
                 or self.compute_loss_func is not None
                 or self.label_smoother is not None or getattr(self.args, 'loss_type', 'nll') != 'nll'
-                or any(getattr(cfg, a, None) not in (None, 1.0) for a in
-                       ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling'))
-                or not hasattr(inner, 'base_model') or inner.get_output_embeddings() is None)
+                or not _plain_head(inner))
         if self._compact_disabled or 'labels' not in inputs or 'shift_labels' in inputs: return False
         return int((inputs['labels'] != -100).sum()) * self._vocab_size <= self.max_compact_elems
 
