@@ -4,6 +4,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (`-n auto`) the cores are shared out between the workers, so that N workers running torch
+# (and the papermill kernels and CLI processes they start, which inherit the environment) don't each start a
+# thread per core. Set before torch is imported; a value the caller set is kept.
+_workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _workers > 1:
+    os.environ.setdefault('OMP_NUM_THREADS', str(max(1, (os.cpu_count() or 1) // _workers)))
 NBS = ROOT/'nbs'
 
 @pytest.fixture
