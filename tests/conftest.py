@@ -37,8 +37,10 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: minutes-long learning checks; run with --slow')
+    config.addinivalue_line('markers', 'heavy: a minute or more of training; started first so that parallel workers finish together')
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda i: 'heavy' not in i.keywords)   # stable: the heavy tests first, each group in file order
     if config.getoption('--slow'): return
     skip = pytest.mark.skip(reason='slow: run with --slow')
     for item in items:

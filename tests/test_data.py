@@ -52,6 +52,7 @@ def _run(tmp_path, runs_dir, mirror, monkeypatch, **params):
     assert m['status'] == 'completed'
     return run, m
 
+@pytest.mark.heavy
 def test_papermill_glue_sst2_from_the_mirror(runs_dir, tmp_path, mirror, monkeypatch):
     "papermill nbs/train_sft.ipynb out.ipynb -p dataset glue -p dataset_config sst2 runs against the local mirror."
     run, m = _run(tmp_path, runs_dir, mirror, monkeypatch, dataset='glue', dataset_config='sst2', num_train_epochs=3.0)
@@ -60,6 +61,7 @@ def test_papermill_glue_sst2_from_the_mirror(runs_dir, tmp_path, mirror, monkeyp
     assert m['accuracy_after'] >= 0.6 > m['accuracy_before'], m['accuracy_after']   # above chance (0.5) after 3 epochs of 2,000 sentences
     assert (run/'plots'/'confusion_glue_sst2.png').exists()
 
+@pytest.mark.heavy
 def test_papermill_imdb_sst2_mixture(runs_dir, tmp_path, mirror, monkeypatch):
     "A 70/30 IMDB/SST-2 mixture trains through the notebook, scored per source."
     run, m = _run(tmp_path, runs_dir, mirror, monkeypatch, datasets='imdb,glue', configs='none,sst2', rates='0.7,0.3',

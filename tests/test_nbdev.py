@@ -1,5 +1,6 @@
 """The notebooks are the source: exports are in sync, notebooks are clean, and every notebook passes nbdev_test."""
 import os, sys, shutil, subprocess, filecmp
+import pytest
 from pathlib import Path
 from conftest import ROOT, NBS
 
@@ -23,6 +24,7 @@ def test_export_and_clean_leave_no_change(tmp_path):
     changed = _diff(ROOT/'llmwb', tmp_path/'llmwb') + _diff(ROOT/'nbs', tmp_path/'nbs')
     assert not changed, f"run nbdev_clean && nbdev_export and commit: these differ: {changed}"
 
+@pytest.mark.heavy
 def test_nbdev_test_passes_and_tests_notebooks(tmp_path):
     "nbdev_test runs every notebook (CI fails on a failing notebook, and when no notebook was tested)."
     nbs = [p for p in NBS.rglob('*.ipynb') if '.ipynb_checkpoints' not in str(p)]

@@ -47,6 +47,7 @@ def test_packed_batch_trains_like_the_examples_alone():
         (m(input_ids=torch.tensor([e]), labels=torch.tensor([e])).loss * (len(e) - 1)).backward()
     for a, b_ in zip(packed, (p.grad for p in m.parameters())): torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-3)
 
+@pytest.mark.heavy
 def test_packed_sft_run(runs_dir):
     "SFT with packing=True: packed rows, the efficiency in metrics.json and TensorBoard, and the model learns the task."
     from llmwb.sft import SFTJob, train_sft

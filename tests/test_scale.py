@@ -12,6 +12,7 @@ from llmwb.sft import SFTJob, train_sft
 
 QUIET = dict(save_model=False, logging_steps=50)
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('model,steps,least', [('tiny-t5', 400, 0.8), ('tiny-bart', 300, 0.75)])
 def test_seq2seq_sft_improves(runs_dir, model, steps, least):
     "T5- and BART-shaped encoder-decoders train through Seq2SeqTrainer and learn the sample task."
@@ -25,6 +26,7 @@ def test_seq2seq_sft_improves(runs_dir, model, steps, least):
     from llmwb.models import load_model
     assert load_model(str(r.run_dir/'model'), device='cpu').is_seq2seq
 
+@pytest.mark.heavy
 def test_lora_sft_improves_and_merges(runs_dir, mirror):
     "LoRA trains under 5% of the parameters of a fine-tuned tiny-gpt2, improves its accuracy, and merges for export."
     # the base: tiny-gpt2 fine-tuned on another sentiment task (GLUE SST-2's fixture), as a pretrained model would be

@@ -20,6 +20,7 @@ def test_parameters_cell_matches_sftjob():
     assert got == want
     assert all('#' in l for l in _params_cell().splitlines() if l.strip())
 
+@pytest.mark.heavy
 def test_default_run(runs_dir, tmp_path):
     "papermill runs train_sft.ipynb on its defaults: >= 0.95 held-out accuracy (its time is reported, not asserted)."
     out = tmp_path/'train_sft.ipynb'
