@@ -14,8 +14,8 @@ from .evaluation import extract_number, numbers_match, parse_label, token_f1
 __all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
            'math_reward', 'classification_reward', 'extract_code', 'defines', 'run_sandboxed', 'code_reward',
            'qa_reward', 'get_reward', 'combine_rewards', 'RewardModelReward', 'limit_prompts', 'GRPOJob',
-           'CompactGRPOTrainer', 'weighted_total', 'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves',
-           'plot_rewards', 'evaluate_stages', 'plot_stages']
+           'cpu_sampling', 'CompactGRPOTrainer', 'weighted_total', 'SampleRecorder', 'evaluate_policy', 'train_grpo',
+           'reward_curves', 'plot_rewards', 'evaluate_stages', 'plot_stages']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -356,12 +356,34 @@ class GRPOJob(JobConfig):
 LOSS_TYPES = ('dapo', 'grpo', 'dr_grpo', 'bnpo')
 SCALE_REWARDS = ('group', 'batch', 'none')
 
-# %% ../nbs/08_grpo.ipynb #4d234290
+# %% ../nbs/08_grpo.ipynb #ab7ace59
+import contextlib
+
+def _inverse_cdf_sample(probs:torch.Tensor) -> torch.Tensor:
+    "One index per row of `probs` (non-negative weights), drawn with probability proportional to its weight."
+    c = probs.cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), dtype=c.dtype, device=c.device) * c[..., -1:]
+    return torch.searchsorted(c, u, right=True).clamp_(max=probs.shape[-1] - 1)   # right=True: a zero weight is never drawn
+
+@contextlib.contextmanager
+def cpu_sampling():
+    "Within the context, `torch.multinomial(probs, 1)` on a CPU tensor samples by inverse CDF (same distribution, ~30x faster)."
+    orig = torch.multinomial
+    def multinomial(input, num_samples, replacement=False, *, generator=None, out=None):
+        if num_samples == 1 and generator is None and out is None and input.device.type == 'cpu' and input.dim() in (1, 2) \
+           and input.is_floating_point():
+            return _inverse_cdf_sample(input)
+        return orig(input, num_samples, replacement, generator=generator, out=out)
+    torch.multinomial = multinomial
+    try: yield
+    finally: torch.multinomial = orig
+
+# %% ../nbs/08_grpo.ipynb #897bc2ed
 from trl import GRPOTrainer
 from .packing import _inner_lm, _plain_head
 
 class CompactGRPOTrainer(GRPOTrainer):
-    "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position."
+    "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position, and sampling with `cpu_sampling` on CPU."
     def _compact_ok(self, model, extra:dict, compute_aux_loss:bool) -> bool:
         if compute_aux_loss or any(v is not None for v in extra.values()): return False
         if getattr(self, '_compact', None) is None:
@@ -374,6 +396,11 @@ class CompactGRPOTrainer(GRPOTrainer):
             import inspect
             self._takes_positions = 'position_ids' in inspect.signature(inner.base_model.forward).parameters
         return self._compact
+
+    def _generate_single_turn(self, *args, **kwargs):
+        on_cpu = next(self.model.parameters()).device.type == 'cpu'
+        with (cpu_sampling() if on_cpu else contextlib.nullcontext()):
+            return super()._generate_single_turn(*args, **kwargs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):
@@ -403,7 +430,7 @@ class CompactGRPOTrainer(GRPOTrainer):
                 ents.append(e.new_zeros(mask.shape).masked_scatter(mask, e))
         return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
 
-# %% ../nbs/08_grpo.ipynb #897bc2ed
+# %% ../nbs/08_grpo.ipynb #c35891d3
 import functools
 from .core import MetricsLog, atomic_write, get_device, check_launch, pyplot, save_figure
 from .models import load_model, resolve_model_source, add_lora, merge_lora, trainable_summary
@@ -640,7 +667,7 @@ def plot_rewards(records:list[dict], names:list[str], path=None, title:str=''):
     plt.close(fig)
     return fig
 
-# %% ../nbs/08_grpo.ipynb #7b713519
+# %% ../nbs/08_grpo.ipynb #63a0eb56
 def evaluate_stages(stages:dict,                      # stage name -> preset, model folder or run folder
                     dataset:str='sample-arithmetic',  # a dataset with the rl mode
                     dataset_config:str='',            # its config
