@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write, hub_reachable, looks_like_path
 
 # %% auto #0
-__all__ = ['DATA_DIR_ENV', 'make_sample_imdb', 'save_sample_imdb', 'make_sample_arithmetic', 'mirror_path', 'load_raw_dataset']
+__all__ = ['ARITHMETIC_CONFIGS', 'DATA_DIR_ENV', 'make_sample_imdb', 'save_sample_imdb', 'make_sample_arithmetic',
+           'sample_arithmetic', 'mirror_path', 'load_raw_dataset']
 
 # %% ../nbs/01_data.ipynb #f263fcbc
 _POS_ADJ = ['wonderful', 'superb', 'brilliant', 'excellent', 'gripping', 'moving', 'delightful', 'charming', 'stunning',
@@ -183,10 +184,13 @@ def _arith_problem(rng:random.Random, max_operand:int) -> tuple[str, str]:
 def make_sample_arithmetic(n_train:int=3000,  # problems in the train split
                            n_test:int=300,    # problems in the test split
                            seed:int=0,        # the generator's seed; the same seed gives the same problems everywhere
-                           max_operand:int=10 # largest number added or subtracted (products are of 2..9)
+                           max_operand:int=10, # largest number added or subtracted (products are of 2..9)
+                           slip_rate:float=0.0 # share of training answers whose final line repeats the first number (a slip)
                           ) -> DatasetDict:
-    "Offline arithmetic word problems ('train', 'test'; question, answer) in GSM8K's format, no question repeated."
+    "Offline arithmetic word problems ('train', 'test'; question, answer, result) in GSM8K's format, no question repeated."
     if max_operand < 2: raise DatasetError(f"max_operand must be >= 2, got {max_operand}.")
+    if not 0 <= slip_rate < 1: raise DatasetError(f"slip_rate must be in [0, 1), got {slip_rate}.")
+    slips = random.Random(seed + 1)       # its own stream: the same problems whatever the slip rate
     rng, seen, out = random.Random(seed), set(), {}
     for split, n in (('train', n_train), ('test', n_test)):
         rows, tries = [], 0
@@ -196,11 +200,23 @@ def make_sample_arithmetic(n_train:int=3000,  # problems in the train split
             if tries > 50 * (n_train + n_test): raise DatasetError(f"Cannot make {n_train + n_test} distinct problems with max_operand={max_operand}.",
                                                                    fix="raise max_operand, or ask for fewer problems.")
             if q in seen: continue
-            seen.add(q); rows.append({'question': q, 'answer': a})
-        out[split] = Dataset.from_list(rows, features=datasets.Features({'question': datasets.Value('string'), 'answer': datasets.Value('string')}))
+            seen.add(q)
+            work, r = a.split('\n#### ')
+            if split == 'train' and slips.random() < slip_rate: a = f"{work}\n#### {work.split()[0]}"
+            rows.append({'question': q, 'answer': a, 'result': r})
+        out[split] = Dataset.from_list(rows, features=datasets.Features({c: datasets.Value('string') for c in ('question', 'answer', 'result')}))
     return DatasetDict(out)
 
-# %% ../nbs/01_data.ipynb #eb0cfd5c
+ARITHMETIC_CONFIGS = {'clean': 0.0, 'noisy': 0.4}   # sample-arithmetic's configs: their slip rates
+
+def sample_arithmetic(config:str|None=None) -> DatasetDict:
+    "`sample-arithmetic` in config `config`: 'clean' (the default, no slips) or 'noisy' (40% of training answers slip)."
+    c = config or 'clean'
+    if c not in ARITHMETIC_CONFIGS:
+        raise DatasetError(f"sample-arithmetic has no config {c!r}.", expected=f"one of {', '.join(ARITHMETIC_CONFIGS)} (or none, for clean)")
+    return make_sample_arithmetic(slip_rate=ARITHMETIC_CONFIGS[c])
+
+# %% ../nbs/01_data.ipynb #3603767e
 _DATA_SUFFIXES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet'}
 _ACCEPTED = ("a catalogue name (`llmwb datasets`), 'sample-imdb', a hub id such as 'stanfordnlp/imdb', a folder written by save_to_disk, "
              "a folder of .json/.jsonl/.csv/.parquet files (one split per file), or one such file")
@@ -254,7 +270,7 @@ def _load_local(p:Path) -> DatasetDict:
     for f in files: groups.setdefault(_split_name(f), []).append(f)
     return _load_files(groups, str(p))
 
-# %% ../nbs/01_data.ipynb #3603767e
+# %% ../nbs/01_data.ipynb #edb8c588
 DATA_DIR_ENV = 'LLMWB_DATA_DIR'
 
 def mirror_path(hf_id:str,           # a hub dataset id such as 'nyu-mll/glue'
@@ -326,7 +342,7 @@ def _load_hub(hf_id:str, config=None, split=None, streaming=False, revision=None
                 "fixtures), use 'sample-imdb' or a local path, or run once with network access to cache it.")
     return _load_repo(hf_id, where, offline=not online, **kw)
 
-# %% ../nbs/01_data.ipynb #aadfbb6c
+# %% ../nbs/01_data.ipynb #a032342c
 def load_raw_dataset(source:str|Path|Dataset|DatasetDict,  # 'sample-imdb', a local path or a hub id (or a dataset)
                      split:str|None=None,                   # return only this split, as a `Dataset`
                      max_examples:int|None=None,            # keep at most this many examples per split (a seeded shuffle; the first ones when streaming)
@@ -346,7 +362,7 @@ def load_raw_dataset(source:str|Path|Dataset|DatasetDict,  # 'sample-imdb', a lo
         s = str(source).strip(); where = repr(s)
         p = Path(s).expanduser()
         if s == 'sample-imdb': dd = make_sample_imdb()
-        elif s == 'sample-arithmetic': dd = make_sample_arithmetic()
+        elif s == 'sample-arithmetic': dd = sample_arithmetic(config)
         elif p.exists():
             dd = (_load_repo(str(p), where, config=config, split=split, streaming=streaming, max_examples=max_examples, subdir=subdir)
                   if p.is_dir() and (config or subdir or (p/'README.md').exists()) and not (p/'dataset_dict.json').exists() else _load_local(p))

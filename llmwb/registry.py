@@ -13,7 +13,7 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, looks_like_path
-from .data import load_raw_dataset, make_sample_imdb, make_sample_arithmetic, _DATA_SUFFIXES
+from .data import load_raw_dataset, make_sample_imdb, sample_arithmetic, ARITHMETIC_CONFIGS, _DATA_SUFFIXES
 
 # %% auto #0
 __all__ = ['TASK_TYPES', 'MODES', 'LETTERS', 'REGISTRY', 'MMLU_SUBJECTS', 'MATH_MODULES', 'MODE_COLUMNS',
@@ -490,14 +490,16 @@ class TaskData:
 DEFAULT_STREAM_EXAMPLES = 10_000
 
 # the generated word problems (llmwb.data.make_sample_arithmetic): a math task outside the catalogue of hub datasets
-SAMPLE_ARITHMETIC = DatasetSpec('sample-arithmetic', 'sample-arithmetic', 'math', answer_col='answer', answer_fn=gsm8k_answer,
+# (the reference answer is the `result` column: in the `noisy` config a training answer's own final line can be a slip)
+SAMPLE_ARITHMETIC = DatasetSpec('sample-arithmetic', 'sample-arithmetic', 'math', configs=tuple(ARITHMETIC_CONFIGS), default_config='clean',
+                                answer_col='answer', answer_fn=gsm8k_answer, row_fn=lambda r: {'answer_ref': r['result']},
                                 template="Question: {question}\nAnswer:", notes='generated offline (llmwb.data.make_sample_arithmetic)')
 
 def resolve_dataset(name:str, config:str|None=None, data_dir=None) -> tuple[DatasetSpec, object]:
     "The spec of `name` and what to load it from (a hub id or mirror, a path, or an in-memory dataset)."
     s = str(name).strip()
     if s == 'sample-imdb': return get_spec('imdb', config), make_sample_imdb()
-    if s == 'sample-arithmetic': return SAMPLE_ARITHMETIC, make_sample_arithmetic()
+    if s == 'sample-arithmetic': return SAMPLE_ARITHMETIC, sample_arithmetic(config)
     if _norm(s) in _ALIASES: return get_spec(s, config), None
     p = Path(s).expanduser()
     if p.exists() or looks_like_path(s, _DATA_SUFFIXES) or '/' in s:
