@@ -10,9 +10,12 @@ from datasets import Dataset, DatasetDict
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write
 
 # %% auto #0
-__all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'trace_files', 'read_traces', 'write_traces', 'split_by_prompt',
-           'trace_samples', 'collect_traces', 'make_elis_request', 'make_sample_traces', 'minilm_path',
-           'resolve_encoder', 'mlp_head', 'mean_pool', 'ELISPredictor', 'text_key', 'EmbeddingCache']
+__all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'POLICIES', 'SWEEP_LOADS', 'PAPER_GAMMA', 'trace_files', 'read_traces',
+           'write_traces', 'split_by_prompt', 'trace_samples', 'collect_traces', 'make_elis_request',
+           'make_sample_traces', 'minilm_path', 'resolve_encoder', 'mlp_head', 'mean_pool', 'ELISPredictor', 'text_key',
+           'EmbeddingCache', 'SimRequest', 'gamma_arrivals', 'step_time_for_load', 'simulate', 'sim_requests',
+           'draw_arrivals', 'schedule_sweep', 'schedule_summary', 'plot_schedules', 'ELISJob', 'load_predictor',
+           'elis_cache_dir', 'load_elis_data', 'r2_score', 'plot_training', 'plot_predictions', 'train_elis']
 
 # %% ../nbs/09_elis.ipynb #021d4839
 TRACE_FIELDS = ('input_prompt', 'output_prompt', 'number_of_output_tokens', 'remaining_tokens')
@@ -247,6 +250,8 @@ class ELISPredictor(nn.Module):
                            d_in=self.encoder.config.hidden_size)
         if freeze_encoder: self.encoder.requires_grad_(False).eval()
         self.head = mlp_head(self.encoder.config.hidden_size, num_layers, hidden)
+        self.register_buffer('y_mean', torch.tensor(0.))   # the head predicts standardised targets; training sets the scale
+        self.register_buffer('y_std', torch.tensor(1.))
 
     def train(self, mode:bool=True):
         super().train(mode)
@@ -269,7 +274,7 @@ class ELISPredictor(nn.Module):
 
     def forward(self, texts:list[str]|None=None, embeddings:torch.Tensor|None=None) -> torch.Tensor:
         "Predicted remaining tokens, from texts or from their (cached) embeddings."
-        return self.head(self.embed(texts) if embeddings is None else embeddings).squeeze(-1)
+        return self.head(self.embed(texts) if embeddings is None else embeddings).squeeze(-1) * self.y_std + self.y_mean
 
     @torch.no_grad()
     def predict(self, prompts:list[str], generated_so_far:list[str]|None=None, batch_size:int=32) -> list[float]:
@@ -277,9 +282,12 @@ class ELISPredictor(nn.Module):
         gen = generated_so_far if generated_so_far is not None else [''] * len(prompts)
         if len(gen) != len(prompts): raise ConfigError(f"{len(prompts)} prompts but {len(gen)} generated texts.")
         was = self.training; self.eval()
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            out += self([p + g for p, g in zip(prompts[i:i + batch_size], gen[i:i + batch_size])]).clamp(min=0).tolist()
+        texts = [p + g for p, g in zip(prompts, gen)]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))   # similar lengths batch with little padding
+        out = [0.0] * len(texts)
+        for i in range(0, len(order), batch_size):
+            ix = order[i:i + batch_size]
+            for j, v in zip(ix, self([texts[j] for j in ix]).clamp(min=0).tolist()): out[j] = v
         self.train(was)
         return out
 
@@ -303,9 +311,9 @@ class EmbeddingCache:
 
     def __len__(self): return len(self.keys)
 
-    def get(self, texts:list[str], embed_fn, batch_size:int=64, progress:bool=False) -> tuple[torch.Tensor, int]:
+    def get(self, texts:list[str], embed_fn, batch_size:int=16, progress:bool=False) -> tuple[torch.Tensor, int]:
         "Embeddings of `texts` (computing and storing the missing ones with `embed_fn`), and how many were computed."
-        todo = list(dict.fromkeys(t for t in texts if text_key(t) not in self.keys))
+        todo = sorted(dict.fromkeys(t for t in texts if text_key(t) not in self.keys), key=len)   # similar lengths batch with little padding
         if todo:
             new = []
             with torch.no_grad():
@@ -327,3 +335,415 @@ class EmbeddingCache:
         atomic_write(self.dir/'embeddings.npy', buf.getvalue())   # the matrix first: keys never name rows that are not there
         order = sorted(self.keys, key=self.keys.get)
         atomic_write(self.dir/'keys.json', json.dumps({'encoder': self.encoder_key, 'keys': order}))
+
+# %% ../nbs/09_elis.ipynb #b4a4c94b
+import heapq
+from dataclasses import dataclass, field
+from .core import pyplot, save_figure
+
+@dataclass
+class SimRequest:
+    "A request in the simulator: its arrival time (s), true response length, and the remaining tokens predicted at each window."
+    arrival: float
+    tokens: int
+    predicted: list = field(default_factory=list)   # predicted remaining tokens after 0, window, 2*window, ... generated
+    prompt: str = ''
+
+POLICIES = ('fcfs', 'sjf', 'isrtf')
+SWEEP_LOADS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)   # offered loads of the default sweep
+PAPER_GAMMA = (0.73, 10.41)   # shape and scale (s) of the gaps between arrivals in the ELIS paper
+
+def gamma_arrivals(n:int, shape:float=PAPER_GAMMA[0], scale:float=PAPER_GAMMA[1], seed:int=0) -> np.ndarray:
+    "Arrival times (s) of `n` requests whose gaps are Gamma(shape, scale) distributed, the first at 0."
+    if n < 1: raise ConfigError(f"n must be >= 1, got {n}.")
+    if shape <= 0 or scale <= 0: raise ConfigError(f"Gamma shape and scale must be > 0, got {shape} and {scale}.")
+    return np.concatenate([[0.], np.cumsum(np.random.default_rng(seed).gamma(shape, scale, n - 1))])
+
+def step_time_for_load(load:float, mean_tokens:float, n_workers:int, mean_gap:float=PAPER_GAMMA[0] * PAPER_GAMMA[1]) -> float:
+    "Seconds per decode step at which requests of `mean_tokens` tokens, `mean_gap` s apart, need `load` of the `n_workers`' steps."
+    if load <= 0 or mean_tokens <= 0 or mean_gap <= 0: raise ConfigError(f"load, mean_tokens and mean_gap must be > 0, got {load}, {mean_tokens}, {mean_gap}.")
+    return load * n_workers * mean_gap / mean_tokens
+
+def _priority(policy:str, window:int):
+    if policy == 'fcfs': return lambda r, done: (r.arrival, 0.)
+    if policy == 'sjf': return lambda r, done: (r.tokens - done, r.arrival)
+    if policy == 'isrtf':
+        def isrtf(r, done):
+            if not r.predicted: raise ConfigError(f"ISRTF needs the predictor's estimates, and request {r.prompt[:40]!r} has none.",
+                                                  fix="build the requests with sim_requests(records, predictions).")
+            return (r.predicted[min(done // window, len(r.predicted) - 1)], r.arrival)
+        return isrtf
+    raise ConfigError(f"Unknown policy {policy!r}.", expected=f"one of {', '.join(POLICIES)}")
+
+def simulate(requests:list[SimRequest],  # the requests, with their arrival times
+             policy:str='isrtf',          # fcfs, sjf (true remaining length, an oracle) or isrtf (predicted remaining length)
+             n_workers:int=8,             # requests generating at once
+             window:int=50,               # decode steps between a worker's scheduling decisions
+             step_time:float=1.0          # seconds per decode step
+            ) -> dict:
+    "Serve `requests` under `policy`: mean/p50/p99 job completion time, mean queueing delay, throughput, and each request's start and finish."
+    if n_workers < 1 or window < 1: raise ConfigError(f"n_workers and window must be >= 1, got {n_workers} and {window}.")
+    if not requests: raise ConfigError("No requests to simulate.")
+    key, n = _priority(policy, window), len(requests)
+    order = sorted(range(n), key=lambda i: requests[i].arrival)
+    done, start, finish = [0] * n, [math.nan] * n, [math.nan] * n
+    free = [(0.0, w) for w in range(n_workers)]          # (time a worker ends its window, worker)
+    cur, ready, nxt, left = [None] * n_workers, [], 0, n  # ready: a heap of (priority, request); a waiting request's priority is fixed
+    while left:
+        t, w = heapq.heappop(free)
+        if cur[w] is not None: i = cur[w]; heapq.heappush(ready, (key(requests[i], done[i]), i)); cur[w] = None
+        while nxt < n and requests[order[nxt]].arrival <= t:
+            i = order[nxt]; heapq.heappush(ready, (key(requests[i], 0), i)); nxt += 1
+        if not ready:
+            if nxt < n: heapq.heappush(free, (requests[order[nxt]].arrival, w))
+            continue                                      # nothing left to arrive: the worker retires
+        _, i = heapq.heappop(ready)
+        r = requests[i]
+        if math.isnan(start[i]): start[i] = t
+        k = min(window, r.tokens - done[i]); done[i] += k; end = t + k * step_time
+        if done[i] >= r.tokens: finish[i] = end; left -= 1
+        else: cur[w] = i
+        heapq.heappush(free, (end, w))
+    arr, fin = np.array([r.arrival for r in requests]), np.array(finish)
+    jct, queue, span = fin - arr, np.array(start) - arr, fin.max() - arr.min()
+    return dict(policy=policy, n_requests=n, n_workers=n_workers, window=window, step_time=step_time,
+                mean_jct=float(jct.mean()), p50_jct=float(np.percentile(jct, 50)), p99_jct=float(np.percentile(jct, 99)),
+                mean_queueing=float(queue.mean()), throughput_rps=float(n / span) if span > 0 else math.inf,
+                tokens_per_s=float(sum(r.tokens for r in requests) / span) if span > 0 else math.inf,
+                start=start, finish=finish)
+
+# %% ../nbs/09_elis.ipynb #9189818b
+def _at_windows(marks:list[tuple[int, float]], n:int, window:int) -> list[float]:
+    "Predictions at 0, window, 2*window, ... tokens: the latest sample's, less the tokens generated since."
+    res, j = [], 0
+    for w in range(0, max(n, 1), window):
+        while j + 1 < len(marks) and marks[j + 1][0] <= w: j += 1
+        g, v = marks[j]
+        res.append(max(0.0, v - max(0, w - g)))
+    return res
+
+def sim_requests(ds:Dataset,                  # trace records, each request's samples in order (as trace files hold them)
+                 predictions:list|None=None,  # the predictor's remaining tokens for each record (None: FCFS and SJF only)
+                 window:int=50                # the simulator's window
+                ) -> list[SimRequest]:
+    "Requests from trace records: a request is a run of records with one prompt and response length, generated tokens rising."
+    if predictions is not None and len(predictions) != len(ds): raise ConfigError(f"{len(predictions)} predictions for {len(ds)} records.")
+    groups, last = [], None
+    for i, (p, n, r) in enumerate(zip(ds['input_prompt'], ds['number_of_output_tokens'], ds['remaining_tokens'])):
+        g = n - r
+        if last is None or last[0] != (p, n) or g <= last[1]: groups.append((p, n, []))
+        groups[-1][2].append((g, None if predictions is None else float(predictions[i])))
+        last = ((p, n), g)
+    return [SimRequest(0.0, n, [] if predictions is None else _at_windows(m, n, window), p) for p, n, m in groups]
+
+def draw_arrivals(requests:list[SimRequest], n:int, seed:int=0, arrivals=None) -> list[SimRequest]:
+    "`n` requests drawn with replacement from `requests`, arriving at Gamma-process times (or at `arrivals`, e.g. a trace's)."
+    if not requests: raise ConfigError("No requests to draw from.")
+    times = gamma_arrivals(n, seed=seed) if arrivals is None else np.sort(np.asarray(arrivals, dtype=float))
+    if len(times) != n: raise ConfigError(f"{len(times)} arrival times for {n} requests.")
+    pick = np.random.default_rng(seed).integers(0, len(requests), n)
+    return [SimRequest(float(t), requests[i].tokens, list(requests[i].predicted), requests[i].prompt) for t, i in zip(times, pick)]
+
+def schedule_sweep(requests:list[SimRequest],   # requests with predictions (`sim_requests`)
+                   loads=SWEEP_LOADS,           # offered loads
+                   n_workers:int=8,             # requests generating at once
+                   window:int=50,               # decode steps between scheduling decisions
+                   n_arrivals:int=2000,         # arrivals per simulation
+                   policies=POLICIES,           # the policies compared
+                   seed:int=0,                  # seed of the draw and the arrivals
+                   arrivals=None                # arrival times of a trace (None: Gamma(0.73, 10.41))
+                  ) -> list[dict]:
+    "Every policy at every load on the same arrivals (the engine's speed sets the load); a summary row each."
+    drawn = draw_arrivals(requests, n_arrivals, seed, arrivals)
+    mean_gap = PAPER_GAMMA[0] * PAPER_GAMMA[1] if arrivals is None else (drawn[-1].arrival - drawn[0].arrival) / max(1, n_arrivals - 1)
+    mean_tokens = float(np.mean([r.tokens for r in drawn]))
+    rows = []
+    for load in loads:
+        st = step_time_for_load(load, mean_tokens, n_workers, mean_gap)
+        for pol in policies:
+            res = simulate(drawn, pol, n_workers, window, st)
+            rows.append({'load': float(load), **{k: v for k, v in res.items() if k not in ('start', 'finish')}})
+    return rows
+
+def schedule_summary(rows:list[dict], load:float) -> dict:
+    "The headline at `load`: each policy's mean JCT, ISRTF's cut vs FCFS and its gap to oracle SJF (both in %)."
+    at = {r['policy']: r for r in rows if abs(r['load'] - load) < 1e-9}
+    if not set(POLICIES) <= set(at): raise ConfigError(f"The sweep has no fcfs, sjf and isrtf rows at load {load}.")
+    f, s, i = (at[p]['mean_jct'] for p in POLICIES)
+    return dict(sim_load=load, fcfs_mean_jct=f, sjf_mean_jct=s, isrtf_mean_jct=i,
+                isrtf_jct_cut_vs_fcfs=100 * (f - i) / f, isrtf_gap_to_sjf=100 * (i - s) / s)
+
+def plot_schedules(rows:list[dict], path=None):
+    "Mean and p99 job completion time and mean queueing delay of each policy against the offered load."
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, k, lab in zip(axes, ('mean_jct', 'p99_jct', 'mean_queueing'), ('mean JCT (s)', 'p99 JCT (s)', 'mean queueing delay (s)')):
+        for pol, style in zip(POLICIES, ('o-', 's--', '^-')):
+            pts = sorted((r['load'], r[k]) for r in rows if r['policy'] == pol)
+            if pts: ax.plot(*zip(*pts), style, label='SJF (oracle)' if pol == 'sjf' else pol.upper())
+        ax.set_xlabel('offered load'); ax.set_ylabel(lab); ax.grid(alpha=.3)
+    axes[0].legend(); fig.tight_layout()
+    if path: save_figure(fig, path)
+    plt.close(fig)
+    return fig
+
+# %% ../nbs/09_elis.ipynb #c120e32a
+import time
+import os
+from .core import (JobConfig, LlmwbError, RunResult, MetricsLog, start_run, get_device, set_seed, save_figure, pyplot, project_root,
+                        slugify, _fmt_num)
+
+@dataclass
+class ELISJob(JobConfig):
+    "Train the ELIS remaining-length predictor on traces, test it, and simulate the scheduler it serves."
+    data: str = 'sample'              # traces: 'sample' (generated offline), a trace JSONL file, or a folder of <model>/vllm_results_training.jsonl
+    n_requests: int = 1500            # requests generated when data='sample'
+    every: int = 50                   # tokens between a response's samples (data='sample') and between the simulator's scheduling decisions
+    skip_bad_lines: bool = False      # skip and count invalid trace lines instead of stopping at the first
+    encoder: str = 'auto'             # auto (bge-base-en-v1.5 if loadable, else the packaged all-MiniLM-L6-v2), a folder or a hub id
+    num_layers: int = 8               # linear layers of the head
+    hidden: int = 1024                # width of the head's hidden layers
+    max_length: int = 512             # encoder tokens read per text (prompt + generated so far)
+    freeze_encoder: bool = True       # train only the head, on cached embeddings (False fine-tunes the encoder too)
+    learning_rate: float = 1e-4       # Adam learning rate
+    batch_size: int = 16              # records per step
+    num_epochs: int = 16              # epochs at most
+    patience: int = 5                 # stop after this many epochs without a better validation loss (0: never stop early)
+    save_every: int = 0               # also keep checkpoint_epoch_N.pt every this many epochs (0: only best and latest)
+    resume: str = ''                  # a run folder (its latest_model.pt) or a checkpoint file to continue
+    embedding_cache: str = ''         # folder of cached embeddings ('' for caches/elis_embeddings beside llmwb's other caches)
+    encode_batch_size: int = 16       # texts per encoder call when filling the cache
+    simulate: bool = True             # run the scheduling simulator on the test requests after training
+    sim_workers: int = 8              # requests the simulated engine generates at once
+    sim_load: float = 0.9             # offered load of the headline comparison (busy fraction of the workers)
+    sim_loads: list|None = None       # loads of the sweep plot (None: 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    sim_requests: int = 2000          # arrivals per simulation (drawn from the test requests)
+    seed: int = 42                    # seed of the split, the head's initialisation, the batch order and the arrivals
+    device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
+    run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/ (a resumed run keeps its own)
+    name: str = ''                    # readable run name; '' makes one from the config
+
+    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'batch_size', 'seed')
+
+    def validate(self):
+        for k in ('n_requests', 'every', 'num_layers', 'hidden', 'max_length', 'batch_size', 'num_epochs', 'encode_batch_size',
+                  'sim_workers', 'sim_requests'):
+            if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
+        for k in ('patience', 'save_every'):
+            if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
+        if not 0 < self.learning_rate < 1: raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
+        if self.sim_loads is not None:
+            self.sim_loads = [float(x) for x in ([self.sim_loads] if isinstance(self.sim_loads, (int, float)) else self.sim_loads)]
+        if any(x <= 0 for x in (self.sim_loads or []) + [self.sim_load]): raise ConfigError(f"loads must be > 0, got {self.sim_load}, {self.sim_loads}.")
+
+    def run_name(self) -> str:
+        if self.name: return slugify(self.name)
+        d = 'sample' if self.data == 'sample' else Path(self.data).stem
+        return f"elis_{d}_L{self.num_layers}x{self.hidden}" + ('' if self.freeze_encoder else '_ft') + f"_lr{_fmt_num(self.learning_rate)}"
+
+    def continues_run(self) -> Path|None:
+        return _resume_checkpoint(self)[0] if self.resume else None
+
+def _load_ckpt(path:Path) -> dict:
+    try: ck = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e: raise LlmwbError(f"Cannot read the checkpoint {str(path)!r}: {e}", fix="pass an intact best_model.pt / latest_model.pt.") from None
+    if not isinstance(ck, dict) or ck.get('format') != 'llmwb-elis-1':
+        raise LlmwbError(f"{str(path)!r} is not an ELIS checkpoint.", fix="pass a checkpoint written by train_elis (best_model.pt, latest_model.pt, checkpoint_epoch_N.pt).")
+    return ck
+
+def _checkpoint_file(path, default:str) -> Path:
+    "A checkpoint file: `path` itself, or `default` in a run folder or its checkpoints/ folder."
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for q in (p/'checkpoints'/default, p/default):
+            if q.exists(): return q
+        raise ConfigError(f"No {default} in {str(p)!r}.", fix="pass an ELIS run folder, or the checkpoint file itself.")
+    if not p.exists(): raise ConfigError(f"Checkpoint {str(p)!r} does not exist.", fix="pass an ELIS run folder or a .pt checkpoint file.")
+    return p
+
+def _resume_checkpoint(job) -> tuple[Path, Path]:
+    "(run folder, checkpoint file) that `job.resume` names."
+    ck = _checkpoint_file(job.resume, 'latest_model.pt')
+    run = ck.parent.parent if ck.parent.name == 'checkpoints' else ck.parent
+    return run, ck
+
+def _head_shape(cfg:dict) -> str: return f"{cfg['num_layers']} layers x {cfg['hidden']} on {cfg['d_in']}-d embeddings"
+
+def load_predictor(path,                # a run folder (its best_model.pt) or a checkpoint file
+                   device='cpu') -> ELISPredictor:
+    "The trained predictor saved by `train_elis` (encoder loaded as it was trained, head and scaling from the checkpoint)."
+    ck = _load_ckpt(_checkpoint_file(path, 'best_model.pt'))
+    cfg = ck['predictor']
+    enc = ck['encoder_path'] if Path(ck.get('encoder_path') or '/nonexistent').exists() else cfg['encoder']   # the very encoder it was trained on
+    pred = ELISPredictor(enc, **{k: cfg[k] for k in ('num_layers', 'hidden', 'max_length', 'freeze_encoder')})
+    if pred.config['d_in'] != cfg['d_in']:
+        raise ConfigError(f"The checkpoint's head reads {cfg['d_in']}-d embeddings but encoder {cfg['encoder']!r} now gives {pred.config['d_in']}-d.",
+                          fix="load it where the encoder it was trained with is available.")
+    pred.load_state_dict(ck['state'], strict=False)
+    return pred.to(device).eval()
+
+def elis_cache_dir() -> Path:
+    "Where embeddings are cached by default: `elis_embeddings/` beside llmwb's other caches ($LLMWB_CACHE_DIR, else the checkout's caches/)."
+    root = Path(os.environ['LLMWB_CACHE_DIR']).expanduser() if os.environ.get('LLMWB_CACHE_DIR') else (project_root() or Path.cwd())/'caches'
+    return root/'elis_embeddings'
+
+def load_elis_data(job:ELISJob) -> tuple[DatasetDict, dict]:
+    "The job's traces split 6:2:2 by prompt, and the read report."
+    if job.data == 'sample':
+        ds = make_sample_traces(job.n_requests, every=job.every)
+        report = {'files': [], 'lines': len(ds), 'bad_lines': 0, 'bad_examples': [], 'records': len(ds), 'generated': True}
+    else: ds, report = read_traces(job.data, skip_bad_lines=job.skip_bad_lines)
+    return split_by_prompt(ds, seed=job.seed), report
+
+def _texts(ds): return [p + g for p, g in zip(ds['input_prompt'], ds['output_prompt'])]
+
+def _save_ckpt(path, pred, opt, job, epoch, state):
+    sd = {k: v for k, v in pred.state_dict().items() if not (pred.freeze_encoder and k.startswith('encoder.'))}
+    buf = io.BytesIO()
+    torch.save({'format': 'llmwb-elis-1', 'predictor': pred.config, 'encoder_path': pred.encoder_path, 'state': sd, 'optimizer': opt.state_dict(), 'epoch': epoch,
+                'job': job.to_dict(), **state}, buf)
+    atomic_write(path, buf.getvalue())
+
+def _errors(pred_tokens:torch.Tensor, y:torch.Tensor, y_var:float) -> dict:
+    d = pred_tokens - y
+    return dict(loss=float((d ** 2).mean() / y_var), mae=float(d.abs().mean()), rmse=float((d ** 2).mean().sqrt()))
+
+def r2_score(pred, y) -> float:
+    "The coefficient of determination of predictions `pred` for targets `y`."
+    pred, y = torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+def plot_training(history:list[dict], path=None):
+    "Train and validation loss per epoch (and validation MAE), from `training_history.json`'s records."
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ep = [h['epoch'] for h in history]
+    a.plot(ep, [h['train_loss'] for h in history], 'o-', label='train'); a.plot(ep, [h['val_loss'] for h in history], 's-', label='validation')
+    a.set_xlabel('epoch'); a.set_ylabel('MSE / var(train targets)'); a.legend(); a.grid(alpha=.3)
+    b.plot(ep, [h['train_mae'] for h in history], 'o-', label='train'); b.plot(ep, [h['val_mae'] for h in history], 's-', label='validation')
+    b.set_xlabel('epoch'); b.set_ylabel('MAE (tokens)'); b.legend(); b.grid(alpha=.3)
+    fig.tight_layout()
+    if path: save_figure(fig, path)
+    plt.close(fig)
+    return fig
+
+def plot_predictions(pred, y, path=None, title:str=''):
+    "Predicted against true remaining tokens, with the diagonal."
+    plt = pyplot()
+    pred, y = np.asarray(pred, dtype=float), np.asarray(y, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(y, pred, s=6, alpha=.4)
+    hi = float(max(y.max(initial=1), pred.max(initial=1)))
+    ax.plot([0, hi], [0, hi], 'k--', lw=1); ax.set_xlabel('true remaining tokens'); ax.set_ylabel('predicted'); ax.grid(alpha=.3)
+    if title: ax.set_title(title)
+    fig.tight_layout()
+    if path: save_figure(fig, path)
+    plt.close(fig)
+    return fig
+
+def train_elis(job:ELISJob,          # the job
+               quiet:bool=False       # no progress bars or per-epoch lines
+              ) -> RunResult:
+    "Train the predictor as `job` says, test its best epoch, simulate the schedulers; the run folder, test figures and predictor."
+    from torch.utils.tensorboard import SummaryWriter
+    device = get_device(job.device)
+    resume = _resume_checkpoint(job) if job.resume else None
+    ck = _load_ckpt(resume[1]) if resume else None
+    if ck:
+        have = ck['predictor']
+        if (have['num_layers'], have['hidden']) != (job.num_layers, job.hidden):
+            raise ConfigError(f"Cannot resume {str(resume[1])!r}: its head has {_head_shape(have)}, this job asks for "
+                              f"{job.num_layers} layers x {job.hidden}.",
+                              fix=f"resume with num_layers={have['num_layers']} and hidden={have['hidden']}, or start a new run without resume.")
+        bad = [k for k in job.resume_fields if k in ck['job'] and ck['job'][k] != getattr(job, k)]
+        if bad: raise ConfigError(f"Cannot resume {str(resume[1])!r}: " + ', '.join(f"{k}={ck['job'][k]!r} there, {getattr(job, k)!r} here" for k in bad) + '.',
+                                  fix="resume with the run's own values (its config.json), or start a new run without resume.")
+    set_seed(job.seed)
+    sp, report = load_elis_data(job)
+    pred = ELISPredictor(job.encoder, job.num_layers, job.hidden, job.max_length, job.freeze_encoder).to(device)
+    if ck and ck['predictor']['d_in'] != pred.config['d_in']:
+        raise ConfigError(f"Cannot resume {str(resume[1])!r}: its head has {_head_shape(ck['predictor'])}, but encoder "
+                          f"{pred.encoder_id!r} gives {pred.config['d_in']}-d embeddings.", fix="resume with the encoder the run was trained with.")
+    run_dir = resume[0] if resume else start_run(job, job.run_dir)
+    ckdir = run_dir/'checkpoints'; ckdir.mkdir(exist_ok=True)
+    if resume:
+        with open(run_dir/'resumes.jsonl', 'a') as f:
+            f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'resume': job.resume, 'from_epoch': ck['epoch'], 'config': job.to_dict()}, default=str) + '\n')
+    texts = {k: _texts(v) for k, v in sp.items()}
+    Y = {k: torch.tensor(v['remaining_tokens'], dtype=torch.float32) for k, v in sp.items()}
+    emb, encode_s, n_encoded = {}, 0.0, 0
+    if job.freeze_encoder:
+        cache = EmbeddingCache(job.embedding_cache or elis_cache_dir(), pred.cache_key)
+        t0 = time.time()
+        for k in sp:
+            emb[k], n = cache.get(texts[k], pred.embed, job.encode_batch_size, progress=not quiet); n_encoded += n
+        encode_s = time.time() - t0
+    y_std = float(Y['train'].std().clamp(min=1.0)) if len(Y['train']) > 1 else 1.0
+    pred.y_mean.fill_(float(Y['train'].mean())); pred.y_std.fill_(y_std)
+    y_var = y_std ** 2
+    opt = torch.optim.Adam([p for p in pred.parameters() if p.requires_grad], lr=job.learning_rate, fused=device.type in ('cpu', 'cuda'))
+    history, best_val, best_epoch, bad_epochs, start = [], math.inf, 0, 0, 0
+    if ck:
+        pred.load_state_dict(ck['state'], strict=False); opt.load_state_dict(ck['optimizer'])
+        history, best_val, best_epoch, bad_epochs, start = ck['history'], ck['best_val_loss'], ck['best_epoch'], ck['bad_epochs'], ck['epoch']
+        if not quiet: print(f"resumed {run_dir.name} after epoch {start} (best {best_val:.4f} at epoch {best_epoch})")
+
+    def outputs(k, train=False):
+        pred.train(train)
+        if job.freeze_encoder: return pred(embeddings=emb[k].to(device))
+        return torch.cat([pred(texts[k][i:i + job.batch_size]) for i in range(0, len(texts[k]), job.batch_size)])
+
+    tb, ml = SummaryWriter(str(run_dir/'tensorboard'), purge_step=start + 1 if resume else None), MetricsLog(run_dir)
+    n_train = len(Y['train'])
+    for epoch in range(start, job.num_epochs):
+        if job.patience and bad_epochs >= job.patience: break
+        t0 = time.time(); pred.train()
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(job.seed * 100_003 + epoch))   # resume replays the same order
+        sq = ab = 0.0
+        for i in range(0, n_train, job.batch_size):
+            ix = perm[i:i + job.batch_size]
+            out = pred(embeddings=emb['train'][ix].to(device)) if job.freeze_encoder else pred([texts['train'][j] for j in ix.tolist()])
+            y = Y['train'][ix].to(device)
+            loss = ((out - y) ** 2).mean() / y_var
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            d = out.detach() - y; sq += float((d ** 2).sum()); ab += float(d.abs().sum())
+        with torch.no_grad(): ve = _errors(outputs('validation').cpu(), Y['validation'], y_var)
+        rec = dict(epoch=epoch + 1, train_loss=sq / n_train / y_var, train_mae=ab / n_train, train_rmse=math.sqrt(sq / n_train),
+                   val_loss=ve['loss'], val_mae=ve['mae'], val_rmse=ve['rmse'], epoch_time=time.time() - t0)
+        history.append(rec)
+        if ve['loss'] < best_val: best_val, best_epoch, bad_epochs = ve['loss'], epoch + 1, 0
+        else: bad_epochs += 1
+        state = dict(best_val_loss=best_val, best_epoch=best_epoch, bad_epochs=bad_epochs, history=history)
+        if best_epoch == epoch + 1: _save_ckpt(ckdir/'best_model.pt', pred, opt, job, epoch + 1, state)
+        _save_ckpt(ckdir/'latest_model.pt', pred, opt, job, epoch + 1, state)
+        if job.save_every and (epoch + 1) % job.save_every == 0: _save_ckpt(ckdir/f'checkpoint_epoch_{epoch + 1}.pt', pred, opt, job, epoch + 1, state)
+        atomic_write(run_dir/'training_history.json', json.dumps(history, indent=2))
+        ml.log(epoch + 1, **{k: v for k, v in rec.items() if k != 'epoch'})
+        for k, v in rec.items():
+            if k != 'epoch': tb.add_scalar(k.replace('_', '/', 1), v, epoch + 1)
+        if not quiet: print(f"epoch {epoch + 1:>3}/{job.num_epochs}  train loss {rec['train_loss']:.4f}  val loss {ve['loss']:.4f}  "
+                            f"val MAE {ve['mae']:.1f}  RMSE {ve['rmse']:.1f}  {rec['epoch_time']:.1f}s" + ('  *' if best_epoch == epoch + 1 else ''))
+    tb.flush()
+    if not (ckdir/'best_model.pt').exists(): raise LlmwbError(f"No epoch was trained in {str(run_dir)!r}.", fix="set num_epochs above the resumed epoch.")
+    pred.load_state_dict(_load_ckpt(ckdir/'best_model.pt')['state'], strict=False)
+    with torch.no_grad(): pt = outputs('test').cpu()
+    te = _errors(pt, Y['test'], y_var)
+    results = dict(test_loss=te['loss'], test_mae=te['mae'], test_rmse=te['rmse'], test_r2=r2_score(pt, Y['test']),
+                   best_epoch=best_epoch, best_val_loss=best_val, epochs_run=len(history),
+                   stopped_early=bool(job.patience and bad_epochs >= job.patience and len(history) < job.num_epochs),
+                   records={k: len(v) for k, v in Y.items()}, prompts={k: len(set(v['input_prompt'])) for k, v in sp.items()},
+                   encoder=pred.encoder_id, texts_encoded=n_encoded, encode_s=encode_s,
+                   train_s=sum(r['epoch_time'] for r in history), bad_lines=report['bad_lines'])
+    atomic_write(run_dir/'test_results.json', json.dumps(results, indent=2))
+    plot_training(history, run_dir/'plots'/'loss.png')
+    plot_predictions(pt, Y['test'], run_dir/'plots'/'predicted_vs_true.png', title=f"test R² {results['test_r2']:.3f}")
+    if job.simulate:
+        reqs = sim_requests(sp['test'], pt.tolist())
+        rows = schedule_sweep(reqs, sorted(set(job.sim_loads or SWEEP_LOADS) | {job.sim_load}), n_workers=job.sim_workers, window=job.every,
+                              n_arrivals=job.sim_requests, seed=job.seed)
+        atomic_write(run_dir/'simulation.json', json.dumps(rows, indent=2))
+        plot_schedules(rows, run_dir/'plots'/'scheduling.png')
+        results.update(schedule_summary(rows, job.sim_load))
+    ml.write_final(results)
+    tb.close()
+    return RunResult(run_dir, results, model=pred, tokenizer=pred.tokenizer)

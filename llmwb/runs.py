@@ -31,7 +31,8 @@ JOBS = {'sft': JobSpec('sft', 'llmwb.sft', 'SFTJob', 'train_sft', 'train_sft.ipy
         'pretrain': JobSpec('pretrain', 'llmwb.pretrain', 'PretrainJob', 'train_pretrain', 'train_pretrain.ipynb'),
         'cache': JobSpec('cache', 'llmwb.cache', 'CacheJob', 'run_build_cache', 'build_cache.ipynb'),
         'lm': JobSpec('lm', 'llmwb.loop', 'LMJob', 'train_lm', 'train_lm.ipynb'),
-        'grpo': JobSpec('grpo', 'llmwb.grpo', 'GRPOJob', 'train_grpo', 'train_grpo.ipynb')}
+        'grpo': JobSpec('grpo', 'llmwb.grpo', 'GRPOJob', 'train_grpo', 'train_grpo.ipynb'),
+        'elis': JobSpec('elis', 'llmwb.elis', 'ELISJob', 'train_elis', 'train_elis.ipynb')}
 
 def find_job(name:str) -> tuple[JobSpec, Path|None]:
     "The job for a short name (`sft`), a notebook name (`train_sft`) or a notebook path, and its notebook path."

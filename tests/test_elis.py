@@ -1,0 +1,76 @@
+"""The ELIS job end to end: its parameters cell, a papermill run, the CLI, and refused input (a malformed trace line,
+an empty trace file, an encoder that cannot be loaded offline, a head-shape mismatch on resume)."""
+import json, ast, dataclasses
+from pathlib import Path
+import pytest
+import papermill as pm
+from conftest import ROOT, NBS, run_cli
+
+NB = NBS/'train_elis.ipynb'
+SMALL = {'n_requests': 150, 'num_layers': 3, 'hidden': 64, 'learning_rate': 1e-3, 'num_epochs': 3, 'sim_requests': 300,
+         'sim_loads': [0.8, 0.9]}
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path/'caches'; monkeypatch.setenv('LLMWB_CACHE_DIR', str(d)); return d
+
+def _params_cell():
+    nb = json.loads(NB.read_text())
+    return next(''.join(c['source']) for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
+
+def test_parameters_cell_matches_elisjob():
+    "The notebook's parameters are exactly ELISJob's fields, with the same defaults (and a comment each)."
+    from llmwb.elis import ELISJob
+    got = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(_params_cell()).body if isinstance(n, ast.AnnAssign)}
+    want = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default) for f in dataclasses.fields(ELISJob)}
+    assert got == want
+    assert all('#' in l for l in _params_cell().splitlines() if l.strip())
+
+def test_notebook_run_and_resume(runs_dir, cache_dir, tmp_path):
+    "papermill runs train_elis.ipynb; its folder holds the checkpoints, history, test results, plots and simulation; resume continues it."
+    out = tmp_path/'a.ipynb'
+    pm.execute_notebook(str(NB), str(out), parameters={**SMALL, 'name': 'first', 'save_every': 1}, cwd=str(NBS), progress_bar=False)
+    (run,) = [p for p in runs_dir.iterdir() if p.name.endswith('_first')]
+    assert sorted(p.name for p in (run/'checkpoints').iterdir()) == ['best_model.pt', 'checkpoint_epoch_1.pt', 'checkpoint_epoch_2.pt',
+                                                                      'checkpoint_epoch_3.pt', 'latest_model.pt']
+    res = json.loads((run/'test_results.json').read_text())
+    assert {'test_loss', 'test_mae', 'test_rmse', 'test_r2', 'best_epoch', 'best_val_loss'} <= set(res)
+    assert len(json.loads((run/'training_history.json').read_text())) == 3
+    sim = json.loads((run/'simulation.json').read_text())
+    assert {(r['load'], r['policy']) for r in sim} == {(l, p) for l in (0.8, 0.9) for p in ('fcfs', 'sjf', 'isrtf')}
+    m = json.loads((run/'metrics.json').read_text())
+    assert m['sjf_mean_jct'] <= m['isrtf_mean_jct'] * 1.0001 and m['sjf_mean_jct'] < m['fcfs_mean_jct']
+    for f in ('plots/loss.png', 'plots/predicted_vs_true.png', 'plots/scheduling.png', 'config.json', 'tensorboard'): assert (run/f).exists(), f
+    assert 'ISRTF cuts mean JCT by' in out.read_text()
+    # resume with more epochs: same folder, history continued, embeddings all from the cache
+    from llmwb.elis import ELISJob, train_elis
+    r2 = train_elis(ELISJob(**{**SMALL, 'num_epochs': 4, 'resume': str(run), 'simulate': False}), quiet=True)
+    assert r2.run_dir == run and r2['texts_encoded'] == 0
+    assert [h['epoch'] for h in json.loads((run/'training_history.json').read_text())] == [1, 2, 3, 4]
+    with pytest.raises(Exception, match=r'its head has 3 layers x 64 on 384-d embeddings, this job asks for 8 layers x 64'):
+        train_elis(ELISJob(**{**SMALL, 'num_layers': 8, 'resume': str(run)}), quiet=True)
+
+def test_refused_input(runs_dir, cache_dir, tmp_path):
+    "A malformed trace line, an empty file, and an encoder that cannot be loaded offline: one clear message each, no run folder."
+    from llmwb.elis import ELISJob, train_elis, make_sample_traces, write_traces, TRACE_FILE
+    f = tmp_path/'traces'/'m'/TRACE_FILE; f.parent.mkdir(parents=True)
+    write_traces(list(make_sample_traces(20)), f)
+    lines = f.read_text().splitlines(); lines[4] = lines[4][:-3]
+    f.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(Exception, match=rf'(?s){TRACE_FILE}:5: not valid JSON.*skip_bad_lines=True'):
+        train_elis(ELISJob(**{**SMALL, 'data': str(tmp_path/'traces')}), quiet=True)
+    (tmp_path/'empty.jsonl').write_text('\n')
+    with pytest.raises(Exception, match='No trace records'): train_elis(ELISJob(**{**SMALL, 'data': str(tmp_path/'empty.jsonl')}), quiet=True)
+    with pytest.raises(Exception, match="Encoder 'BAAI/bge-large-en-v1.5' cannot be loaded"):
+        train_elis(ELISJob(**{**SMALL, 'encoder': 'BAAI/bge-large-en-v1.5'}), quiet=True)
+    assert not list(runs_dir.iterdir())
+    # skip_bad_lines trains on the rest and reports the skipped line
+    r = train_elis(ELISJob(**{**SMALL, 'data': str(tmp_path/'traces'), 'skip_bad_lines': True, 'num_epochs': 1, 'simulate': False}), quiet=True)
+    assert r['bad_lines'] == 1
+
+def test_cli(runs_dir, cache_dir):
+    "llmwb elis runs the job from the command line."
+    r = run_cli('elis', '--n_requests', '60', '--num_layers', '2', '--hidden', '32', '--num_epochs', '1', '--simulate', 'False')
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list(runs_dir.iterdir())
+    assert (run/'test_results.json').exists()
