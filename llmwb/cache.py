@@ -25,8 +25,8 @@ from .registry import resolve_dataset, harmonize, _pick_split
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MANIFEST', 'DEFAULT_LEVEL', 'token_dtype', 'shard_name', 'tokenizer_fingerprint',
            'tokenizer_info', 'encode_shard', 'decode_into', 'decode_shard', 'CacheSource', 'token_rows',
-           'write_manifest', 'read_manifest', 'default_cache_dir', 'build_cache', 'verify', 'fill_gaps', 'PackedCache',
-           'ShardShuffleSampler', 'estimated_sequences', 'smart_warmup', 'CacheJob', 'run_build_cache']
+           'write_manifest', 'read_manifest', 'caches_root', 'default_cache_dir', 'build_cache', 'verify', 'fill_gaps',
+           'PackedCache', 'ShardShuffleSampler', 'estimated_sequences', 'smart_warmup', 'CacheJob', 'run_build_cache']
 
 # %% ../nbs/03_cache.ipynb #fbf5c0fa
 FORMAT = 'llmwb-lz4-packed'
@@ -325,6 +325,10 @@ def _tokenizer(tokenizer):
         return load_tokenizer(tokenizer), tokenizer
     return tokenizer, None
 
+def caches_root() -> Path:
+    "Where llmwb keeps its caches: $LLMWB_CACHE_DIR, else `caches/` in the llmwb checkout, else in the working folder."
+    return Path(os.environ['LLMWB_CACHE_DIR']).expanduser() if os.environ.get('LLMWB_CACHE_DIR') else (project_root() or Path.cwd())/'caches'
+
 def default_cache_dir(dataset:str,           # as given to build_cache
                       tokenizer:str,         # the tokenizer's name
                       seq_len:int,           # tokens per sequence
@@ -332,7 +336,7 @@ def default_cache_dir(dataset:str,           # as given to build_cache
                       split:str|None=None    # the split, when not the training split
                      ) -> Path:
     "`caches/<dataset>[-config][-split]_<tokenizer>_L<seq_len>` under $LLMWB_CACHE_DIR, else the llmwb checkout, else cwd."
-    root = Path(os.environ['LLMWB_CACHE_DIR']).expanduser() if os.environ.get('LLMWB_CACHE_DIR') else (project_root() or Path.cwd())/'caches'
+    root = caches_root()
     d = Path(dataset).stem if Path(dataset).suffix else str(dataset).rstrip('/').split('/')[-1]
     parts = [d] + [p for p in (config, split) if p]
     return root/f"{slugify('-'.join(parts))}_{slugify(str(tokenizer).rstrip('/').split('/')[-1])}_L{seq_len}"

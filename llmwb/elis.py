@@ -489,9 +489,7 @@ def plot_schedules(rows:list[dict], path=None):
 
 # %% ../nbs/09_elis.ipynb #c120e32a
 import time
-import os
-from .core import (JobConfig, LlmwbError, RunResult, MetricsLog, start_run, get_device, set_seed, save_figure, pyplot, project_root,
-                        slugify, _fmt_num)
+from .core import JobConfig, LlmwbError, RunResult, MetricsLog, start_run, get_device, set_seed, slugify, _fmt_num
 
 @dataclass
 class ELISJob(JobConfig):
@@ -574,7 +572,8 @@ def load_predictor(path,                # a run folder (its best_model.pt) or a 
     "The trained predictor saved by `train_elis` (encoder loaded as it was trained, head and scaling from the checkpoint)."
     ck = _load_ckpt(_checkpoint_file(path, 'best_model.pt'))
     cfg = ck['predictor']
-    enc = ck['encoder_path'] if Path(ck.get('encoder_path') or '/nonexistent').exists() else cfg['encoder']   # the very encoder it was trained on
+    p = ck.get('encoder_path')
+    enc = p if p and Path(p).exists() else cfg['encoder']   # the very encoder it was trained on, where it is still there
     pred = ELISPredictor(enc, **{k: cfg[k] for k in ('num_layers', 'hidden', 'max_length', 'freeze_encoder')})
     if pred.config['d_in'] != cfg['d_in']:
         raise ConfigError(f"The checkpoint's head reads {cfg['d_in']}-d embeddings but encoder {cfg['encoder']!r} now gives {pred.config['d_in']}-d.",
@@ -584,8 +583,8 @@ def load_predictor(path,                # a run folder (its best_model.pt) or a 
 
 def elis_cache_dir() -> Path:
     "Where embeddings are cached by default: `elis_embeddings/` beside llmwb's other caches ($LLMWB_CACHE_DIR, else the checkout's caches/)."
-    root = Path(os.environ['LLMWB_CACHE_DIR']).expanduser() if os.environ.get('LLMWB_CACHE_DIR') else (project_root() or Path.cwd())/'caches'
-    return root/'elis_embeddings'
+    from llmwb.cache import caches_root
+    return caches_root()/'elis_embeddings'
 
 def load_elis_data(job:ELISJob) -> tuple[DatasetDict, dict]:
     "The job's traces split 6:2:2 by prompt, and the read report."
@@ -688,10 +687,15 @@ def train_elis(job:ELISJob,          # the job
         history, best_val, best_epoch, bad_epochs, start = ck['history'], ck['best_val_loss'], ck['best_epoch'], ck['bad_epochs'], ck['epoch']
         if not quiet: print(f"resumed {run_dir.name} after epoch {start} (best {best_val:.4f} at epoch {best_epoch})")
 
-    def outputs(k, train=False):
-        pred.train(train)
-        if job.freeze_encoder: return pred(embeddings=emb[k].to(device))
-        return torch.cat([pred(texts[k][i:i + job.batch_size]) for i in range(0, len(texts[k]), job.batch_size)])
+    def outputs(k, ix):
+        "Predicted remaining tokens of records `ix` of split `k`: from cached embeddings, or through the encoder being trained."
+        return pred(embeddings=emb[k][ix].to(device)) if job.freeze_encoder else pred([texts[k][j] for j in ix.tolist()])
+
+    def evaluate(k):
+        pred.eval()
+        with torch.no_grad():
+            step = max(1, len(Y[k])) if job.freeze_encoder else job.batch_size   # cached: the whole split at once
+            return torch.cat([outputs(k, torch.arange(i, min(i + step, len(Y[k])))) for i in range(0, len(Y[k]), step)]).cpu()
 
     tb, ml = SummaryWriter(str(run_dir/'tensorboard'), purge_step=start + 1 if resume else None), MetricsLog(run_dir)
     n_train = len(Y['train'])
@@ -702,12 +706,12 @@ def train_elis(job:ELISJob,          # the job
         sq = ab = 0.0
         for i in range(0, n_train, job.batch_size):
             ix = perm[i:i + job.batch_size]
-            out = pred(embeddings=emb['train'][ix].to(device)) if job.freeze_encoder else pred([texts['train'][j] for j in ix.tolist()])
+            out = outputs('train', ix)
             y = Y['train'][ix].to(device)
             loss = ((out - y) ** 2).mean() / y_var
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
             d = out.detach() - y; sq += float((d ** 2).sum()); ab += float(d.abs().sum())
-        with torch.no_grad(): ve = _errors(outputs('validation').cpu(), Y['validation'], y_var)
+        ve = _errors(evaluate('validation'), Y['validation'], y_var)
         rec = dict(epoch=epoch + 1, train_loss=sq / n_train / y_var, train_mae=ab / n_train, train_rmse=math.sqrt(sq / n_train),
                    val_loss=ve['loss'], val_mae=ve['mae'], val_rmse=ve['rmse'], epoch_time=time.time() - t0)
         history.append(rec)
@@ -726,7 +730,7 @@ def train_elis(job:ELISJob,          # the job
     tb.flush()
     if not (ckdir/'best_model.pt').exists(): raise LlmwbError(f"No epoch was trained in {str(run_dir)!r}.", fix="set num_epochs above the resumed epoch.")
     pred.load_state_dict(_load_ckpt(ckdir/'best_model.pt')['state'], strict=False)
-    with torch.no_grad(): pt = outputs('test').cpu()
+    pt = evaluate('test')
     te = _errors(pt, Y['test'], y_var)
     results = dict(test_loss=te['loss'], test_mae=te['mae'], test_rmse=te['rmse'], test_r2=r2_score(pt, Y['test']),
                    best_epoch=best_epoch, best_val_loss=best_val, epochs_run=len(history),
