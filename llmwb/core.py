@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #e718433f
 from __future__ import annotations
-import os, sys, json, re, random, socket, difflib, dataclasses, tempfile, datetime, importlib.util, typing
+import os, sys, json, re, time, random, socket, difflib, dataclasses, tempfile, datetime, importlib.util, typing
 from dataclasses import dataclass, field, fields, asdict, MISSING
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,8 +17,8 @@ __all__ = ['ATTN_IMPLS', 'LlmwbError', 'ConfigError', 'DeviceError', 'Dependency
            'DatasetNotFoundError', 'EmptyDatasetError', 'available_devices', 'get_device', 'get_dtype', 'dtype_name',
            'Launch', 'launch_info', 'check_launch', 'AttentionChoice', 'flash_attn_available', 'resolve_attention',
            'set_seed', 'hub_reachable', 'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify',
-           'free_run_dir', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'pyplot', 'save_figure',
-           'plot_metrics']
+           'free_run_dir', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'open_run', 'pyplot',
+           'save_figure', 'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
 class LlmwbError(Exception):
@@ -313,6 +313,7 @@ def _check_type(name, v, tp):
     if tp is Any or tp is None: return v
     if origin in (list, tuple):
         if isinstance(v, str): v = [s for s in re.split(r'[,\s]+', v) if s]
+        elif isinstance(v, (int, float)) and not isinstance(v, bool): v = [v]   # one value for a list: `-p dims 64`
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"Parameter {name!r} must be a list, got {type(v).__name__} {v!r}.")
         return list(v) if origin is list else tuple(v)
@@ -439,6 +440,30 @@ class RunResult:
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     def __getitem__(self, k): return self.metrics[k]
+
+def open_run(job:JobConfig,              # the validated job config
+             launch:Launch,              # this process's place in the launch (`launch_info()`)
+             resume:tuple|None,          # None for a new run, or (run folder, what it resumes from) to reopen one
+             device:torch.device         # the device the job trains on (cpu joins gloo)
+            ) -> Path:
+    "Rank 0 opens (or reopens) the run folder; under DDP the others get its path from rank 0."
+    def make():
+        if resume is None: return start_run(job, job.run_dir)
+        rd, ck = resume
+        with open(rd/'resumes.jsonl', 'a') as f:
+            f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'checkpoint': str(ck), 'config': job.to_dict()}, default=str) + '\n')
+        return rd
+    if not launch.distributed: return make()
+    import torch.distributed as dist
+    from accelerate import PartialState
+    PartialState(cpu=device.type == 'cpu')   # joins the process group torchrun set up
+    box = [None]
+    if launch.is_main:
+        try: box = [str(make())]
+        except LlmwbError as e: box = [f"!{type(e).__name__}: {e}"]
+    dist.broadcast_object_list(box, src=0)
+    if box[0].startswith('!'): raise LlmwbError(f"rank 0 could not open the run folder: {box[0][1:]}")
+    return Path(box[0])
 
 # %% ../nbs/00_core.ipynb #7e1fff1b
 def pyplot():

@@ -435,7 +435,8 @@ import functools
 from .core import MetricsLog, atomic_write, get_device, check_launch, pyplot, save_figure
 from .models import load_model, resolve_model_source, add_lora, merge_lora, trainable_summary
 from .evaluation import generate_batched, score_generations
-from .sft import MetricsCallback, _open_run, _precision, log_run_metadata, _score_line
+from .core import open_run
+from .sft import MetricsCallback, _precision, log_run_metadata, _score_line
 
 def _reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
     "The reward callables of `job` for data of `spec`, and their names as logged."
@@ -543,7 +544,7 @@ def train_grpo(job:GRPOJob,        # the job to run
              'completions_per_step': job.batch_size * ws * job.grad_accum, 'prompts_per_step': job.batch_size * ws * job.grad_accum // job.grpo_group_size,
              'lr': lr, 'beta': job.grpo_beta}
     # 2. the run
-    run_dir = _open_run(job, launch, None, device)
+    run_dir = open_run(job, launch, None, device)
     main = launch.is_main
     mlog = MetricsLog(run_dir)
     say = print if main and not quiet else (lambda *a: None)

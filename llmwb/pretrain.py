@@ -14,7 +14,8 @@ from .core import (JobConfig, ConfigError, MetricsLog, RunResult, _fmt_num, get_
 from .registry import load_task, get_spec
 from .models import load_model, trainable_summary
 from .packing import pack_dataset, PackedCollator, PackingStats, enable_packed_attention, _chunks
-from .sft import MetricsCallback, resume_point, planned_steps, log_run_metadata, _open_run, _preflight
+from .core import open_run
+from .sft import MetricsCallback, resume_point, planned_steps, log_run_metadata, _preflight
 
 # %% auto #0
 __all__ = ['PretrainJob', 'tokenize_documents', 'CacheRows', 'CacheRowsSampler', 'train_pretrain']
@@ -184,7 +185,7 @@ def train_pretrain(job:PretrainJob,       # the job to run
              'n_train_rows': len(train_data), 'n_eval_rows': len(eval_data), 'seq_len': seq_len, 'steps_planned': steps,
              'warmup_steps': warmup_steps, 'token_budget': per_step * seq_len * steps, 'packing': job.packing, 'data': data_desc}
     if stats: facts.update(packing_efficiency=round(stats.efficiency, 4), real_tokens=stats.real_tokens)
-    run_dir = _open_run(job, launch, resume, device)
+    run_dir = open_run(job, launch, resume, device)
     main = launch.is_main
     mlog = MetricsLog(run_dir)
     say = print if main and not quiet else (lambda *a: None)

@@ -32,7 +32,8 @@ JOBS = {'sft': JobSpec('sft', 'llmwb.sft', 'SFTJob', 'train_sft', 'train_sft.ipy
         'cache': JobSpec('cache', 'llmwb.cache', 'CacheJob', 'run_build_cache', 'build_cache.ipynb'),
         'lm': JobSpec('lm', 'llmwb.loop', 'LMJob', 'train_lm', 'train_lm.ipynb'),
         'grpo': JobSpec('grpo', 'llmwb.grpo', 'GRPOJob', 'train_grpo', 'train_grpo.ipynb'),
-        'elis': JobSpec('elis', 'llmwb.elis', 'ELISJob', 'train_elis', 'train_elis.ipynb')}
+        'elis': JobSpec('elis', 'llmwb.elis', 'ELISJob', 'train_elis', 'train_elis.ipynb'),
+        'compressor': JobSpec('compressor', 'llmwb.compressor', 'CompressorJob', 'train_compressor', 'train_compressor.ipynb')}
 
 def find_job(name:str) -> tuple[JobSpec, Path|None]:
     "The job for a short name (`sft`), a notebook name (`train_sft`) or a notebook path, and its notebook path."
@@ -176,7 +177,7 @@ def main(argv:list[str]=None):
     if not argv or argv[0] in ('-h', '--help'): print(usage); return 0
     try:
         if argv[0] == 'jobs':
-            for s in JOBS.values(): print(f"{s.name:8} {s.module}.{s.fn}({s.config})  nbs/{s.notebook}")
+            for s in JOBS.values(): print(f"{s.name:10} {s.module}.{s.fn}({s.config})  nbs/{s.notebook}")
             return 0
         if argv[0] == 'datasets':
             from llmwb.registry import list_datasets

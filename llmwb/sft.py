@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 from .core import (JobConfig, ConfigError, LlmwbError, MetricsLog, RunResult, _fmt_num, get_device, get_dtype,
                         dtype_name, plot_metrics, set_seed, start_run, ATTN_IMPLS, atomic_write, check_launch, launch_info,
-                        runs_root, Launch)
+                        runs_root, Launch, open_run)
 from .registry import load_task, get_spec
 from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
 from .evaluation import generative_eval, plot_confusion
@@ -364,26 +364,6 @@ def _log_generative(tb, res:dict, step:int):
         for n in ('accuracy', 'exact_match', 'macro_f1', 'token_f1'):
             if n in m: tb.add_scalar(f'generative/{k}/{n}', m[n], step)
 
-def _open_run(job:SFTJob, launch:Launch, resume, device:torch.device) -> Path:
-    "Rank 0 opens (or reopens) the run folder; under DDP the others get its path from rank 0."
-    def make():
-        if resume is None: return start_run(job, job.run_dir)
-        rd, ck = resume
-        with open(rd/'resumes.jsonl', 'a') as f:
-            f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'checkpoint': str(ck), 'config': job.to_dict()}, default=str) + '\n')
-        return rd
-    if not launch.distributed: return make()
-    import torch.distributed as dist
-    from accelerate import PartialState
-    PartialState(cpu=device.type == 'cpu')   # joins the process group torchrun set up
-    box = [None]
-    if launch.is_main:
-        try: box = [str(make())]
-        except LlmwbError as e: box = [f"!{type(e).__name__}: {e}"]
-    dist.broadcast_object_list(box, src=0)
-    if box[0].startswith('!'): raise LlmwbError(f"rank 0 could not open the run folder: {box[0][1:]}")
-    return Path(box[0])
-
 def _preflight(job:JobConfig) -> tuple:
     "(launch, device, precision flags, resume point) of a trainer job, checked before anything is loaded or written."
     launch = launch_info()
@@ -424,7 +404,7 @@ def train_sft(job:SFTJob,        # the job to run
              'n_eval': len(held_ds), 'packing': job.packing}
     if packed: facts.update(packed_rows=packed[2].n_rows, packing_efficiency=round(packed[2].efficiency, 4))
     # 2. the run
-    run_dir = _open_run(job, launch, resume, device)
+    run_dir = open_run(job, launch, resume, device)
     main = launch.is_main
     mlog = MetricsLog(run_dir)
     say = print if main and not quiet else (lambda *a: None)
