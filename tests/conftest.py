@@ -20,6 +20,25 @@ def runs_dir(tmp_path, monkeypatch):
     monkeypatch.setenv('LLMWB_RUNS_DIR', str(d))
     return d
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    "An empty llmwb cache root for one test (LLMWB_CACHE_DIR; jobs, kernels and CLI processes inherit it)."
+    d = tmp_path/'caches'; monkeypatch.setenv('LLMWB_CACHE_DIR', str(d)); return d
+
+def parameters_cell(nb:Path) -> str:
+    "The source of a job notebook's cell tagged `parameters`."
+    cells = json.loads(Path(nb).read_text())['cells']
+    return next(''.join(c['source']) for c in cells if 'parameters' in c.get('metadata', {}).get('tags', []))
+
+def check_parameters_cell(nb:Path, cls):
+    "The notebook's parameters are exactly `cls`'s fields, with the same defaults, and each has a comment."
+    import ast, dataclasses
+    src = parameters_cell(nb)
+    got = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(src).body if isinstance(n, ast.AnnAssign)}
+    want = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default) for f in dataclasses.fields(cls)}
+    assert got == want
+    assert all('#' in l for l in src.splitlines() if l.strip())
+
 def run_cli(*args, env=None, timeout=600, cwd=ROOT):
     "Run the `llmwb` console script; returns the CompletedProcess (text)."
     e = {**os.environ, **(env or {})}

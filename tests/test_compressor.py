@@ -1,31 +1,19 @@
 """The compressor job end to end: its parameters cell, a papermill sweep, stage 1b starting from stage 1a's weights,
 a resumed sweep that skips what is done, two processes through torchrun, the CLI with wandb offline, and refused input
 (D′ >= D, stage 1b without a stage-1a checkpoint, a checkpoint whose D is not the model's)."""
-import os, sys, json, ast, dataclasses, subprocess
+import os, sys, json, hashlib, subprocess
 from pathlib import Path
 import pytest
-import torch
 import papermill as pm
-from conftest import NBS, run_cli
+from conftest import NBS, run_cli, check_parameters_cell
 
 NB = NBS/'train_compressor.ipynb'
 SMALL = {'num_samples': 60, 'dims': [16, 32], 'num_epochs': 2, 'learning_rate': 1e-2, 'torch_compile': False}
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path/'caches'; monkeypatch.setenv('LLMWB_CACHE_DIR', str(d)); return d
-
-def _params_cell():
-    nb = json.loads(NB.read_text())
-    return next(''.join(c['source']) for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
-
 def test_parameters_cell_matches_compressorjob():
     "The notebook's parameters are exactly CompressorJob's fields, with the same defaults (and a comment each)."
     from llmwb.compressor import CompressorJob
-    got = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(_params_cell()).body if isinstance(n, ast.AnnAssign)}
-    want = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default) for f in dataclasses.fields(CompressorJob)}
-    assert got == want
-    assert all('#' in l for l in _params_cell().splitlines() if l.strip())
+    check_parameters_cell(NB, CompressorJob)
 
 def test_sweep_stage1b_from_1a_and_resume(runs_dir, cache_dir, tmp_path):
     "papermill runs a two-size sweep; stage 1b starts from stage 1a's best weights; a resumed sweep trains only the new size."
@@ -99,7 +87,6 @@ def test_two_processes(runs_dir, cache_dir, tmp_path):
     assert m['world_size'] == 2 and m['rows'][0]['d_compressed'] == 16
     from llmwb.compressor import load_compressor
     c, _ = load_compressor(runs_dir/'ddp'/'d16'/'stage1a_best.pt', d_model=384)
-    import hashlib
     assert hashlib.sha256(c.encoder.weight.detach().numpy().tobytes()).hexdigest() == r0['weights']
 
 def test_cli_with_wandb_offline(runs_dir, cache_dir):

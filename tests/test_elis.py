@@ -1,30 +1,19 @@
 """The ELIS job end to end: its parameters cell, a papermill run, the CLI, and refused input (a malformed trace line,
 an empty trace file, an encoder that cannot be loaded offline, a head-shape mismatch on resume)."""
-import json, ast, dataclasses
+import json
 from pathlib import Path
 import pytest
 import papermill as pm
-from conftest import ROOT, NBS, run_cli
+from conftest import ROOT, NBS, run_cli, check_parameters_cell
 
 NB = NBS/'train_elis.ipynb'
 SMALL = {'n_requests': 150, 'num_layers': 3, 'hidden': 64, 'learning_rate': 1e-3, 'num_epochs': 3, 'sim_requests': 300,
          'sim_loads': [0.8, 0.9]}
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path/'caches'; monkeypatch.setenv('LLMWB_CACHE_DIR', str(d)); return d
-
-def _params_cell():
-    nb = json.loads(NB.read_text())
-    return next(''.join(c['source']) for c in nb['cells'] if 'parameters' in c.get('metadata', {}).get('tags', []))
-
 def test_parameters_cell_matches_elisjob():
     "The notebook's parameters are exactly ELISJob's fields, with the same defaults (and a comment each)."
     from llmwb.elis import ELISJob
-    got = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(_params_cell()).body if isinstance(n, ast.AnnAssign)}
-    want = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default) for f in dataclasses.fields(ELISJob)}
-    assert got == want
-    assert all('#' in l for l in _params_cell().splitlines() if l.strip())
+    check_parameters_cell(NB, ELISJob)
 
 def test_notebook_run_and_resume(runs_dir, cache_dir, tmp_path):
     "papermill runs train_elis.ipynb; its folder holds the checkpoints, history, test results, plots and simulation; resume continues it."
