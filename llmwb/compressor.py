@@ -111,21 +111,19 @@ def reconstruction_metrics(model,             # a compressor (any module mapping
                           ) -> dict:
     "mse, cosine, relative_error, variance_ratio and r2 (explained variance) of `model`'s reconstructions of `states`."
     device = device or next(model.parameters()).device
-    n, sse, cos, rel = 0, 0.0, 0.0, 0.0
-    sx = sxh = None; qx = qxh = 0.0
-    for x in _chunks(states, chunk):
-        x = x.to(device); xh = model(x).float()
-        d = (xh - x).double()
-        sse += float((d ** 2).sum()); n += len(x)
-        cos += float(F.cosine_similarity(xh, x, dim=-1, eps=1e-12).double().sum())
-        rel += float((d.norm(dim=-1) / x.double().norm(dim=-1).clamp(min=1e-12)).sum())
-        x64, xh64 = x.double(), xh.double()
-        sx = x64.sum(0) if sx is None else sx + x64.sum(0); sxh = xh64.sum(0) if sxh is None else sxh + xh64.sum(0)
-        qx += float((x64 ** 2).sum()); qxh += float((xh64 ** 2).sum())
+    n, sse, cos, rel, qx, qxh, sx, sxh = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for x in _chunks(states, chunk):               # float32 within a block, float64 across blocks
+        x = x.to(device); xh = model(x).float(); d = xh - x
+        xn = x.norm(dim=-1)
+        sse += float(d.pow(2).sum()); n += len(x)
+        cos += float((xh * x).sum(-1).div(xh.norm(dim=-1) * xn).nan_to_num(0.0).sum())
+        rel += float(d.norm(dim=-1).div(xn.clamp(min=1e-12)).sum())
+        sx = sx + x.sum(0).double(); sxh = sxh + xh.sum(0).double()
+        qx += float(x.pow(2).sum()); qxh += float(xh.pow(2).sum())
     if not n: raise DatasetError("No hidden states to score.", fix="give it at least one token's states.")
     tot = qx - float((sx ** 2).sum()) / n              # Σ‖x − mean(x)‖²
     tot_h = qxh - float((sxh ** 2).sum()) / n
-    return dict(mse=sse / (n * len(sx)), cosine=cos / n, relative_error=rel / n,
+    return dict(mse=sse / (n * x.shape[-1]), cosine=cos / n, relative_error=rel / n,
                 variance_ratio=tot_h / tot if tot > 0 else float('nan'), r2=1 - sse / tot if tot > 0 else float('nan'))
 
 def versus_optimum(trained:dict, optimum:dict) -> dict:
@@ -419,8 +417,8 @@ class CompressorJob(JobConfig):
 
     def run_name(self) -> str:
         if self.name: return slugify(self.name)
-        dims = 'default' if self.dims is None else '-'.join(map(str, sorted(self.dims)))
-        return slugify(f"compressor_{Path(self.model).name}_d{dims}_{''.join(self.stage_list)}")
+        dims = 'sweep' if self.dims is None else 'd' + '-'.join(map(str, sorted(self.dims)))
+        return slugify(f"compressor_{Path(self.model).name}_{dims}_{''.join(self.stage_list)}")
 
     def continues_run(self) -> Path|None:
         return Path(self.resume).expanduser() if self.resume else None
@@ -493,8 +491,9 @@ def train_stage(model:DimensionCompressor,   # the compressor (trained in place;
     opt = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
     wrapped, opt, dl = acc.prepare(model, opt, dl)                   # DDP under several processes; compiled after wrapping
     wrapped, compile_error = compile_compressor(wrapped, data['train'].seq(0).to(acc.device), job.torch_compile)
+    val = torch.cat(list(data['validation'].chunks()))   # scored every epoch: read once
     def record(epoch, train_loss, t):
-        m = reconstruction_metrics(model, data['validation'])
+        m = reconstruction_metrics(model, val)
         rec = dict(epoch=epoch, train_loss=train_loss, **{f'val_{k}': v for k, v in m.items()}, epoch_time=t)
         if opt_val: rec['val_pct_of_optimum'] = 100 * m['r2'] / opt_val['r2']
         return rec
@@ -563,7 +562,7 @@ def sweep_rows(run_dir) -> list[dict]:
     for f in sorted(Path(run_dir).glob('d*/results.json'), key=lambda f: int(f.parent.name[1:])):
         for stage, r in json.loads(f.read_text()).items():
             rows.append({'d_compressed': r['d_compressed'], 'stage': stage, 'ratio': r['ratio'], **r['test'],
-                         'best_epoch': r['best_epoch'], 'epochs_run': r['epochs_run'], 'train_s': r['train_s']})
+                         'best_epoch': r['best_epoch'], 'epochs_run': r['epochs_run'], 'train_s': r['train_s'], 'compiled': r['compiled']})
     return rows
 
 def plot_sweep(rows:list[dict], path=None, title:str=''):
@@ -577,8 +576,10 @@ def plot_sweep(rows:list[dict], path=None, title:str=''):
         for ax, k in zip(axs, ('r2', 'cosine')):
             ax.plot(x, [r[f'opt_{k}'] for r in rs], '-', color=col, alpha=.6, label=f'{stage}: closed-form optimum')
             ax.plot(x, [r[k] for r in rs], 'o', color=col, label=f'{stage}: trained')
+    ratios = sorted({r['ratio'] for r in rows})
     for ax, lab in zip(axs, ('explained variance (centred R²)', 'cosine similarity')):
-        ax.set_xscale('log', base=2); ax.set_xlabel('compression ratio D / D′'); ax.set_ylabel(lab); ax.grid(alpha=.3); ax.legend(fontsize=8)
+        ax.set_xscale('log', base=2); ax.set_xticks(ratios, [f'{x:g}' for x in ratios]); ax.minorticks_off()
+        ax.set_xlabel('compression ratio D / D′'); ax.set_ylabel(lab); ax.grid(alpha=.3); ax.legend(fontsize=8)
     if title: fig.suptitle(title)
     fig.tight_layout()
     if path: save_figure(fig, path)
