@@ -685,7 +685,7 @@ def train_compressor(job:CompressorJob,   # the job
                 if out['best_epoch'] == 0 and main: save_compressor(ck_path, c, epoch=0, val=out['history'][0], **info)   # no epoch beat the start
                 test = versus_optimum(reconstruction_metrics(c, states[s]['test']), reconstruction_metrics(opt, states[s]['test']))
                 res = {**{k: v for k, v in out.items() if k != 'history'}, 'd_compressed': d, 'ratio': D / d, 'stage': s, 'init_from': info['init_from'],
-                       'test': test, 'history': out['history']}
+                       'test': test, 'optimum_validation': opt_val, 'history': out['history']}
                 done[s] = res; trained[f'd{d}/stage{s}'] = c.cpu()
                 if main: atomic_write(run_dir/f'd{d}'/'results.json', json.dumps(done, indent=2))
                 acc.wait_for_everyone()

@@ -33,6 +33,7 @@ def test_sweep_stage1b_from_1a_and_resume(runs_dir, cache_dir, tmp_path):
     # stage 1b's epoch 0 is stage 1a's best checkpoint, scored on the CoT validation states
     res = json.loads((run/'d16'/'results.json').read_text())
     assert res['1b']['init_from'] == str(run/'d16'/'stage1a_best.pt')
+    assert res['1b']['history'][-1]['val_pct_of_optimum'] == pytest.approx(100 * res['1b']['history'][-1]['val_r2'] / res['1b']['optimum_validation']['r2'])
     c1a, _ = load_compressor(run/'d16'/'stage1a_best.pt', d_model=384)
     hf, tok, _ = load_hidden_model()
     hs, fresh = cached_hidden_states(hf, tok, load_texts('sample-cot', 60, seed=42), progress=False)
