@@ -278,7 +278,7 @@ def cached_hidden_states(model, tokenizer, texts:list[str], layer:int=-1, max_le
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return open_hidden_states(folder), True
 
-# %% ../nbs/10_compressor.ipynb #1e218a04
+# %% ../nbs/10_compressor.ipynb #a4c7bfb4
 _COT_NAMES = ['Ann', 'Ben', 'Cara', 'Dev', 'Eli', 'Fay', 'Gus', 'Hana', 'Ivo', 'Jill', 'Kofi', 'Lena', 'Mo', 'Nia', 'Omar', 'Pia']
 _COT_SHE = {'Ann', 'Cara', 'Fay', 'Hana', 'Jill', 'Lena', 'Nia', 'Pia'}
 _COT_ITEMS = ['apples', 'books', 'coins', 'pens', 'cards', 'shells', 'stamps', 'marbles', 'eggs', 'stickers', 'plums', 'beads']
@@ -322,7 +322,7 @@ def make_sample_cot(n:int=2000, seed:int=0) -> list[str]:
     rng = random.Random(seed)
     return [_cot_problem(rng) for _ in range(n)]
 
-# %% ../nbs/10_compressor.ipynb #7202b34e
+# %% ../nbs/10_compressor.ipynb #02689bf2
 SAMPLE_COT = 'sample-cot'
 
 def load_texts(source:str,              # 'sample-cot', 'sample-imdb', a catalogue name, a hub id or a local path
@@ -348,7 +348,7 @@ def split_states(hs:HiddenStates, seed:int=0, fractions=(0.8, 0.1, 0.1)) -> dict
     return {'train': hs.subset(np.sort(perm[n_val + n_test:])), 'validation': hs.subset(np.sort(perm[:n_val])),
             'test': hs.subset(np.sort(perm[n_val:n_val + n_test]))}
 
-# %% ../nbs/10_compressor.ipynb #7e701494
+# %% ../nbs/10_compressor.ipynb #2c187bff
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024)
 STAGES = ('1a', '1b')
 WANDB_MODES = ('off', 'offline', 'online')
@@ -423,7 +423,7 @@ class CompressorJob(JobConfig):
     def continues_run(self) -> Path|None:
         return Path(self.resume).expanduser() if self.resume else None
 
-# %% ../nbs/10_compressor.ipynb #0d73f0a4
+# %% ../nbs/10_compressor.ipynb #73c569bd
 CKPT_FORMAT = 'llmwb-compressor-1'
 
 def save_compressor(path, compressor:DimensionCompressor, **info) -> Path:
@@ -453,7 +453,7 @@ def load_compressor(path,                 # a stage*_best.pt
     c = DimensionCompressor(**cfg); c.load_state_dict(ck['state'])
     return c, ck
 
-# %% ../nbs/10_compressor.ipynb #acdb3b51
+# %% ../nbs/10_compressor.ipynb #e6783f28
 def compile_compressor(module:nn.Module, example:torch.Tensor, on:bool=True):
     "(forward to train with, None or why compiling failed): `torch.compile(module)` when it works on `example`, else `module`."
     if not on: return module, None
@@ -466,7 +466,7 @@ def compile_compressor(module:nn.Module, example:torch.Tensor, on:bool=True):
         warnings.warn(f"torch.compile failed ({why}); training the compressor eagerly.")
         return module, why
 
-# %% ../nbs/10_compressor.ipynb #b388aad2
+# %% ../nbs/10_compressor.ipynb #dbbdb081
 class _Texts(torch.utils.data.Dataset):
     def __init__(self, hs:HiddenStates): self.hs = hs
     def __len__(self): return len(self.hs)
@@ -524,7 +524,7 @@ def train_stage(model:DimensionCompressor,   # the compressor (trained in place;
                 stopped_early=len(history) - 1 < job.num_epochs, compiled=job.torch_compile and compile_error is None,
                 compile_error=compile_error, train_s=sum(h['epoch_time'] for h in history))
 
-# %% ../nbs/10_compressor.ipynb #d286c631
+# %% ../nbs/10_compressor.ipynb #89c8b29c
 def _stage_source(job, stage): return (job.text_dataset, job.text_config) if stage == '1a' else (job.cot_dataset, job.cot_config)
 
 def _init_checkpoint(job, run_dir:Path|None, d:int) -> Path:
