@@ -64,7 +64,9 @@ class DimensionCompressor(nn.Module):
 def _chunks(states, chunk:int=65536):
     "float32 row blocks of `states`: a [N, D] tensor or array, or `HiddenStates`."
     if hasattr(states, "chunks"): yield from states.chunks(chunk); return
-    for i in range(0, len(states), chunk): yield torch.as_tensor(np.asarray(states[i:i + chunk]), dtype=torch.float32)
+    for i in range(0, len(states), chunk):
+        x = states[i:i + chunk]
+        yield x.float() if torch.is_tensor(x) else torch.as_tensor(np.asarray(x), dtype=torch.float32)
 
 class PrincipalAxes(NamedTuple):
     "Eigenvectors (rows, by decreasing eigenvalue) of the states' second moment, or of their covariance when `mean` is set."
@@ -206,7 +208,7 @@ def extract_hidden_states(model, tokenizer,
                           layer:int=-1,          # hidden_states index (-1: the last layer, 0: the embeddings)
                           max_length:int=512,    # tokens per text at most (longer texts are cut)
                           batch_size:int=16,     # texts per forward pass
-                          out:np.ndarray|None=None, # write into this [tokens, D] array (e.g. a memory map); None allocates one
+                          out=None,              # a function of the shape (tokens, D) giving the array to write into (e.g. a memory map); None allocates one
                           progress:bool=True) -> HiddenStates:
     "The per-token hidden states of `texts` at `layer`, padding masked out."
     from tqdm.auto import tqdm
@@ -217,7 +219,7 @@ def extract_hidden_states(model, tokenizer,
     if min(lengths) == 0: raise DatasetError(f"Text {lengths.index(0)} has no tokens.", fix="drop empty texts.")
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     D = hidden_size(model)
-    if out is None: out = np.empty((int(offsets[-1]), D), dtype=np.float32)
+    out = (out or (lambda shape: np.empty(shape, dtype=np.float32)))((int(offsets[-1]), D))
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     dev = next(model.parameters()).device
     for b in tqdm(range(0, len(order), batch_size), desc='hidden states', disable=not progress, leave=False):
@@ -265,10 +267,9 @@ def cached_hidden_states(model, tokenizer, texts:list[str], layer:int=-1, max_le
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)['input_ids']]
-        mm = np.lib.format.open_memmap(tmp/'states.npy', mode='w+', dtype=np.float32, shape=(sum(lengths), hidden_size(model)))
-        hs = extract_hidden_states(model, tokenizer, texts, layer, max_length, batch_size, out=mm, progress=progress)
-        mm.flush(); del mm
+        hs = extract_hidden_states(model, tokenizer, texts, layer, max_length, batch_size, progress=progress,
+                                   out=lambda shape: np.lib.format.open_memmap(tmp/'states.npy', mode='w+', dtype=np.float32, shape=shape))
+        hs.states.flush()
         np.save(tmp/'offsets.npy', hs.offsets)
         (tmp/'meta.json').write_text(json.dumps({**hs.meta, 'model': getattr(model, 'name_or_path', ''), 'tokens': hs.n_tokens}))
         try: tmp.rename(folder)
@@ -635,13 +636,16 @@ def train_compressor(job:CompressorJob,   # the job
     if '1b' in job.stage_list and '1a' not in job.stage_list:   # stage 1b alone: its starting points exist and fit D, checked now
         for d in dims:
             if not (resume and '1b' in _done(resume, d)): load_compressor(_init_checkpoint(job, resume, d), D, f"model {job.model!r}")
-    texts = {s: load_texts(_stage_source(job, s)[0], job.num_samples, _stage_source(job, s)[1], job.seed, job.data_dir) for s in job.stage_list}
+    texts = {}
+    for s in job.stage_list:
+        source, config = _stage_source(job, s)
+        texts[s] = load_texts(source, job.num_samples, config, job.seed, job.data_dir)
     # 2. the run folder, then the states (rank 0 extracts; the others read its cache)
     run_dir = open_run(job, launch, (resume, resume) if resume else None, device)
     acc = Accelerator(cpu=device.type == 'cpu')
     main = acc.is_main_process
     hf.to(acc.device)
-    states, extract_s, extracted = {}, 0.0, {}
+    states, extracted = {}, {}
     t0 = time.time()
     for s in job.stage_list:
         with acc.main_process_first():
