@@ -12,10 +12,11 @@ from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetE
 # %% auto #0
 __all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'POLICIES', 'SWEEP_LOADS', 'PAPER_GAMMA', 'trace_files', 'read_traces',
            'write_traces', 'split_by_prompt', 'trace_samples', 'collect_traces', 'make_elis_request',
-           'make_sample_traces', 'minilm_path', 'resolve_encoder', 'mlp_head', 'mean_pool', 'ELISPredictor', 'text_key',
-           'EmbeddingCache', 'SimRequest', 'gamma_arrivals', 'step_time_for_load', 'simulate', 'sim_requests',
-           'draw_arrivals', 'schedule_sweep', 'schedule_summary', 'plot_schedules', 'ELISJob', 'load_predictor',
-           'elis_cache_dir', 'load_elis_data', 'r2_score', 'plot_training', 'plot_predictions', 'train_elis']
+           'make_sample_traces', 'r2_score', 'template_oracle', 'minilm_path', 'resolve_encoder', 'mlp_head',
+           'mean_pool', 'ELISPredictor', 'text_key', 'EmbeddingCache', 'SimRequest', 'gamma_arrivals',
+           'step_time_for_load', 'simulate', 'sim_requests', 'draw_arrivals', 'schedule_sweep', 'schedule_summary',
+           'plot_schedules', 'ELISJob', 'load_predictor', 'elis_cache_dir', 'load_elis_data', 'plot_training',
+           'plot_predictions', 'train_elis']
 
 # %% ../nbs/09_elis.ipynb #021d4839
 TRACE_FIELDS = ('input_prompt', 'output_prompt', 'number_of_output_tokens', 'remaining_tokens')
@@ -153,48 +154,120 @@ _E_WORDS = ('time year people way day man thing woman life child world school st
             'story fact month lot right study book eye job word business issue side kind head house service friend father power hour '
             'game line end member law car city community name president team minute idea kid body information back parent face others '
             'level office door health person art war history party result change morning reason research girl guy moment air teacher').split()
-_E_THINGS = ('fruits', 'countries', 'programming languages', 'board games', 'rivers', 'birds', 'tools', 'famous scientists', 'colors', 'sports')
-_E_TASKS = ('bake bread', 'change a tire', 'plant a tree', 'set up a web server', 'write a cover letter', 'train a puppy', 'brew coffee')
-_E_TOPICS = ('the sea', 'autumn', 'a lost key', 'city lights', 'an old friend', 'the first snow', 'a long train ride')
-_E_LENGTHS = {'one-sentence': (1, 1), 'short': (3, 5), 'detailed': (9, 13), 'long': (18, 26)}   # sentences
+_E_THINGS = ('fruits', 'countries', 'programming languages', 'board games', 'rivers', 'birds', 'tools', 'famous scientists', 'colors', 'sports',
+             'vegetables', 'capital cities', 'musical instruments', 'dog breeds', 'mountains', 'novels', 'painters', 'car brands', 'flowers',
+             'planets and moons', 'kitchen utensils', 'card games', 'dances', 'trees', 'fish', 'insects', 'composers', 'inventions', 'languages', 'cheeses')
+_E_TASKS = ('bake bread', 'change a tire', 'plant a tree', 'set up a web server', 'write a cover letter', 'train a puppy', 'brew coffee',
+            'paint a room', 'tie a tie', 'make pancakes', 'fix a leaking tap', 'start a vegetable garden', 'back up a laptop', 'learn to juggle',
+            'clean a bicycle chain', 'prepare for a job interview', 'make a paper plane', 'install Python', 'wash a wool sweater', 'pitch a tent')
+_E_TOPICS = ('the sea', 'autumn', 'a lost key', 'city lights', 'an old friend', 'the first snow', 'a long train ride', 'a summer storm', 'a small bakery',
+             'the moon', 'a forgotten garden', 'a rainy afternoon', 'the mountains', 'a village market', 'an empty station', 'a lighthouse',
+             "a grandmother's kitchen", 'the desert at night', 'a new job', 'a cat on a roof', 'the last day of school', 'a river in spring')
+# size: (sentences, the word the request uses, instructions users add)
+_E_SIZES = {'one-sentence': ((1, 1), ('one-sentence', 'single-sentence'),
+                             ('Just one sentence, please.', 'Keep it to a single sentence.', 'No more than one sentence.', 'One line is enough.')),
+            'short': ((3, 5), ('short', 'brief', 'very short'),
+                      ('Keep it brief.', 'A few sentences is enough.', 'Please do not make it long.', 'Short and simple, please.')),
+            'detailed': ((9, 13), ('detailed', 'medium-length', 'fairly detailed'),
+                         ('Give it some detail.', 'A paragraph or two would be good.', 'Include a few specific details.', 'Not too short, not too long.')),
+            'long': ((18, 26), ('long', 'very long', 'long and detailed'),
+                     ('Make it long and rich in detail.', 'Take your time and describe everything in depth.', 'Several paragraphs, please.',
+                      'I want a really long piece.'))}
+_E_SUMMARY = {'in one sentence': (1, 1), 'in two sentences': (2, 2), 'in a short paragraph': (3, 5), 'in about 100 words': (7, 9), 'in detail': (10, 14)}
+_E_ASK = {'list': ('List {n} {t}.', 'Name {n} {t}.', 'Give me {n} {t}.', 'Can you list {n} {t}?', 'Please name {n} {t}.', 'What are {n} well-known {t}?'),
+          'steps': ('Explain in {n} steps how to {t}.', 'How do I {t}? Give {n} steps.', 'Give me {n} steps to {t}.', 'Describe, in {n} steps, how to {t}.'),
+          'write': ('Write a {s} {f} about {t}.', 'Please write a {s} {f} about {t}.', 'Could you write me a {s} {f} about {t}?', 'I need a {s} {f} about {t}.'),
+          'open': ('Sure! Here is a {s} {f} about {t}:', 'Here is a {s} {f} about {t}.', 'Of course. Here is a {s} {f} about {t}:', 'Certainly! A {s} {f} about {t}:')}
+_E_GRAMMAR = dict(adj='old quiet bright small warm cold dark gentle busy empty distant golden narrow heavy soft strange'.split(),
+                  noun='house road window garden river light door street field town morning evening voice letter path bridge'.split(),
+                  person='girl boy fisherman teacher traveller baker painter farmer sailor child woman man'.split(),
+                  verb='walked looked waited listened turned stopped smiled wondered remembered watched'.split(),
+                  prep='near across beside behind along toward under over'.split(), name='Anna Sam Maria Tom Lena David Clara Ben'.split(),
+                  org='city council school company storm market festival museum hospital library'.split())
 
-def _words(rng, lo, hi): return ' '.join(rng.choice(_E_WORDS) for _ in range(rng.randint(lo, hi)))
+def _sentence(rng):
+    "One plain narrative sentence from a small grammar."
+    g = {k: rng.choice(v) for k, v in _E_GRAMMAR.items()}
+    return rng.choice([f"The {g['adj']} {g['noun']} was {rng.choice(_E_GRAMMAR['adj'])} and {rng.choice(_E_GRAMMAR['adj'])}.",
+                       f"The {g['person']} {g['verb']} {g['prep']} the {g['adj']} {g['noun']}.",
+                       f"{rng.choice(['Then', 'Later', 'After a while', 'Soon', 'That night'])}, the {g['person']} {g['verb']} {g['prep']} the {g['noun']}.",
+                       f"There was a {g['adj']} {g['noun']} {g['prep']} the {rng.choice(_E_GRAMMAR['noun'])}, and the {g['person']} {g['verb']}.",
+                       f"The {g['person']} {g['verb']} for a long time, thinking about the {g['adj']} {g['noun']}."])
 
-def _sentences(rng, n): return ' '.join(_words(rng, 6, 16).capitalize() + '.' for _ in range(n))
+def _piece(rng, form, topic, n):
+    "A story, letter, poem or description of `n` sentences: an opening and a closing that fit the form, plain sentences between."
+    a, b, name = rng.choice(_E_GRAMMAR['adj']), rng.choice(_E_GRAMMAR['adj']), rng.choice(_E_GRAMMAR['name'])
+    first, last = {'story': (f"Once upon a time, a {a} {rng.choice(_E_GRAMMAR['person'])} lived near {topic}.",
+                             rng.choice(['In the end, everything was quiet again.', 'And from that day on, nothing was ever the same.', 'The end.'])),
+                   'letter': (f"Dear {name}, I am writing to tell you about {topic}.", f"With warm regards, {rng.choice(_E_GRAMMAR['name'])}."),
+                   'poem': (f"O {topic}, {a} and {b},", f"and {topic} stays with me."),
+                   'description': (f"{topic[0].upper() + topic[1:]} is {a} and {b}.", f"Overall, {topic} is a {rng.choice(_E_GRAMMAR['adj'])} sight.")}[form]
+    return first if n == 1 else ' '.join([first] + [_sentence(rng) for _ in range(n - 2)] + [last])
 
-def make_elis_request(rng:random.Random) -> tuple[str, str]:
-    "One (prompt, response) pair whose response length follows the prompt, with noise."
+def _news(rng, subject='The'):
+    g = {k: rng.choice(v) for k, v in _E_GRAMMAR.items()}
+    if subject == 'The': return (f"The {g['org']} {rng.choice(['announced', 'reported', 'opened', 'closed', 'changed', 'expanded'])} "
+                                 f"{rng.choice(['a new', 'its', 'an old', 'the local'])} {rng.choice(_E_GRAMMAR['org'])} "
+                                 f"{rng.choice(['on Monday', 'last year', 'this week', 'after a long debate', 'in the spring'])}.")
+    return (f"{rng.choice(['The text', 'The passage', 'It', 'The author'])} {rng.choice(['explains', 'notes', 'reports', 'says', 'points out'])} that "
+            f"the {g['org']} {rng.choice(['made changes', 'faced problems', 'grew quickly', 'made a decision', 'had a difficult year'])}.")
+
+def make_elis_request(rng:random.Random) -> tuple[str, str, str]:
+    "One (prompt, response, template) whose response length follows the prompt's template, with noise."
     kind = rng.choice(['list', 'steps', 'write', 'yesno', 'summary'])
     if kind == 'list':
         n = rng.randint(2, 20)
-        return f"List {n} {rng.choice(_E_THINGS)}.", '\n'.join(f"{i}. {_words(rng, 1, 4).title()}" for i in range(1, n + 1))
+        return (rng.choice(_E_ASK['list']).format(n=n, t=rng.choice(_E_THINGS)),
+                '\n'.join(f"{i}. {' '.join(rng.choice(_E_WORDS) for _ in range(rng.randint(1, 4))).title()}" for i in range(1, n + 1)), f'list/{n}')
     if kind == 'steps':
         n = rng.randint(2, 10)
-        return (f"Explain in {n} steps how to {rng.choice(_E_TASKS)}.",
-                '\n'.join(f"Step {i}: {_sentences(rng, rng.randint(1, 2))}" for i in range(1, n + 1)))
+        return (rng.choice(_E_ASK['steps']).format(n=n, t=rng.choice(_E_TASKS)),
+                '\n'.join(f"Step {i}: {' '.join(_sentence(rng) for _ in range(rng.randint(1, 2)))}" for i in range(1, n + 1)), f'steps/{n}')
     if kind == 'write':
-        size = rng.choice(list(_E_LENGTHS))
-        form = rng.choice(['story', 'poem', 'description', 'letter'])
-        return f"Write a {size} {form} about {rng.choice(_E_TOPICS)}.", _sentences(rng, rng.randint(*_E_LENGTHS[size]))
+        size = rng.choice(list(_E_SIZES)); sentences, words, instructions = _E_SIZES[size]
+        form, topic, word = rng.choice(['story', 'poem', 'description', 'letter']), rng.choice(_E_TOPICS), rng.choice(words)
+        prompt = rng.choice(_E_ASK['write']).format(s=word, f=form, t=topic) + ' ' + ' '.join(rng.sample(instructions, rng.randint(1, 2)))
+        text = _piece(rng, form, topic, rng.randint(*sentences))
+        if rng.random() < 0.7: text = rng.choice(_E_ASK['open']).format(s=word, f=form, t=topic) + '\n\n' + text   # chat models often restate the request
+        return prompt, text, f'write/{size}'
     if kind == 'yesno':
-        return f"Answer yes or no: is {rng.choice(_E_WORDS)} a kind of {rng.choice(_E_WORDS)}?", rng.choice(['Yes.', 'No.', 'Yes, it is.', 'No, it is not.'])
-    n = rng.choice([10, 20, 40, 80, 120])
-    text = _sentences(rng, rng.randint(4, 8))
-    return f"Summarize in about {n} words: {text}", ' '.join(rng.choice(_E_WORDS) for _ in range(max(3, round(n * rng.uniform(0.8, 1.2))))) + '.'
+        return (f"Answer yes or no: is {rng.choice(_E_WORDS)} a kind of {rng.choice(_E_WORDS)}?",
+                rng.choice(['Yes.', 'No.', 'Yes, it is.', 'No, it is not.']), 'yesno')
+    spec = rng.choice(list(_E_SUMMARY))
+    passage = ' '.join(_news(rng) for _ in range(rng.randint(4, 8)))
+    return (f"Summarize the following text {spec}: {passage}", ' '.join(_news(rng, 'It') for _ in range(rng.randint(*_E_SUMMARY[spec]))),
+            f'summary/{spec}')
 
-def make_sample_traces(n_requests:int=1500,  # requests to make
+def make_sample_traces(n_requests:int=3000,  # requests to make
                        every:int=50,         # tokens between samples
                        seed:int=0) -> Dataset:
-    "Trace records of `n_requests` generated requests (model 'sample'), tokens counted with GPT-2's tokenizer."
+    "Trace records of `n_requests` generated requests (model 'sample', with each request's `template`), tokens counted with GPT-2's tokenizer."
     from llmwb.models import gpt2_tokenizer
     rng, tok, rows = random.Random(seed), gpt2_tokenizer(model_max_length=100_000), []
     for _ in range(n_requests):
-        p, r = make_elis_request(rng)
-        rows += [{**s, 'model': 'sample'} for s in trace_samples(p, tok(r).input_ids, tok, every)]
+        p, r, t = make_elis_request(rng)
+        rows += [{**s, 'model': 'sample', 'template': t} for s in trace_samples(p, tok(r).input_ids, tok, every)]
     return Dataset.from_list(rows)
 
 # %% ../nbs/09_elis.ipynb #64da31c8
+def r2_score(pred, y) -> float:
+    "The coefficient of determination of predictions `pred` for targets `y`."
+    import torch
+    pred, y = torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+def template_oracle(train:Dataset, test:Dataset) -> list[float]:
+    "Each test record's mean remaining tokens over the train records with its `template` and tokens generated so far (the noise ceiling)."
+    from collections import defaultdict
+    from statistics import fmean
+    acc, overall = defaultdict(list), fmean(train['remaining_tokens'])
+    for t, n, r in zip(train['template'], train['number_of_output_tokens'], train['remaining_tokens']): acc[(t, n - r)].append(r)
+    return [fmean(acc[(t, n - r)]) if (t, n - r) in acc else overall
+            for t, n, r in zip(test['template'], test['number_of_output_tokens'], test['remaining_tokens'])]
+
+# %% ../nbs/09_elis.ipynb #e13e9501
 import torch
+from collections import OrderedDict
 from torch import nn
 from .core import ModelNotFoundError
 
@@ -238,18 +311,20 @@ def mean_pool(hidden:torch.Tensor, mask:torch.Tensor) -> torch.Tensor:
 
 class ELISPredictor(nn.Module):
     "Remaining response tokens from prompt + generated text: a (frozen) encoder, mean pooling and an MLP head."
-    def __init__(self, encoder:str='auto', num_layers:int=8, hidden:int=1024, max_length:int=512, freeze_encoder:bool=True):
+    def __init__(self, encoder:str='auto', num_layers:int=8, hidden:int=1024, max_length:int=512, freeze_encoder:bool=True,
+                 prompt_embedding:bool=True):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
         src = resolve_encoder(encoder)
         self.encoder_id, self.encoder_path = src.name, src.path
         self.tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=src.offline)
         self.encoder = AutoModel.from_pretrained(src.path, local_files_only=src.offline)
-        self.max_length, self.freeze_encoder = max_length, freeze_encoder
+        self.max_length, self.freeze_encoder, self.prompt_embedding = max_length, freeze_encoder, prompt_embedding
         self.config = dict(encoder=encoder, num_layers=num_layers, hidden=hidden, max_length=max_length, freeze_encoder=freeze_encoder,
-                           d_in=self.encoder.config.hidden_size)
+                           prompt_embedding=prompt_embedding, d_in=self.encoder.config.hidden_size)
         if freeze_encoder: self.encoder.requires_grad_(False).eval()
-        self.head = mlp_head(self.encoder.config.hidden_size, num_layers, hidden)
+        self.head = mlp_head(self.encoder.config.hidden_size * (2 if prompt_embedding else 1), num_layers, hidden)
+        self._prompts = OrderedDict()   # recent prompts' embeddings (frozen encoder only), so a request's prompt is encoded once
         self.register_buffer('y_mean', torch.tensor(0.))   # the head predicts standardised targets; training sets the scale
         self.register_buffer('y_std', torch.tensor(1.))
 
@@ -272,9 +347,26 @@ class ELISPredictor(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             return mean_pool(self.encoder(**enc).last_hidden_state, enc['attention_mask'])
 
-    def forward(self, texts:list[str]|None=None, embeddings:torch.Tensor|None=None) -> torch.Tensor:
-        "Predicted remaining tokens, from texts or from their (cached) embeddings."
-        return self.head(self.embed(texts) if embeddings is None else embeddings).squeeze(-1) * self.y_std + self.y_mean
+    def prompt_embeddings(self, prompts:list[str], keep:int=4096) -> torch.Tensor:
+        "`embed(prompts)`, encoding each prompt once: with a frozen encoder the last `keep` prompts' embeddings are kept."
+        if not self.freeze_encoder: return self.embed(prompts)
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompts]
+        for i in range(0, len(new), 32):
+            for p, e in zip(new[i:i + 32], self.embed(new[i:i + 32]).cpu()): self._prompts[p] = e
+        out = torch.stack([self._prompts[p] for p in prompts]).to(self.device)
+        for p in prompts: self._prompts.move_to_end(p)
+        while len(self._prompts) > keep: self._prompts.popitem(last=False)
+        return out
+
+    def features(self, prompts:list[str], generated:list[str]|None=None) -> torch.Tensor:
+        "The head's input: the embedding of prompt + generated text, then (with `prompt_embedding`) the prompt's own."
+        gen = generated if generated is not None else [''] * len(prompts)
+        full = self.embed([p + g for p, g in zip(prompts, gen)])
+        return torch.cat([full, self.prompt_embeddings(prompts)], -1) if self.prompt_embedding else full
+
+    def forward(self, prompts:list[str]|None=None, generated:list[str]|None=None, embeddings:torch.Tensor|None=None) -> torch.Tensor:
+        "Predicted remaining tokens, from prompts and generated texts or from their (cached) `features`."
+        return self.head(self.features(prompts, generated) if embeddings is None else embeddings).squeeze(-1) * self.y_std + self.y_mean
 
     @torch.no_grad()
     def predict(self, prompts:list[str], generated_so_far:list[str]|None=None, batch_size:int=32) -> list[float]:
@@ -282,16 +374,15 @@ class ELISPredictor(nn.Module):
         gen = generated_so_far if generated_so_far is not None else [''] * len(prompts)
         if len(gen) != len(prompts): raise ConfigError(f"{len(prompts)} prompts but {len(gen)} generated texts.")
         was = self.training; self.eval()
-        texts = [p + g for p, g in zip(prompts, gen)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))   # similar lengths batch with little padding
-        out = [0.0] * len(texts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(gen[i]))   # similar lengths batch with little padding
+        out = [0.0] * len(prompts)
         for i in range(0, len(order), batch_size):
             ix = order[i:i + batch_size]
-            for j, v in zip(ix, self([texts[j] for j in ix]).clamp(min=0).tolist()): out[j] = v
+            for j, v in zip(ix, self([prompts[j] for j in ix], [gen[j] for j in ix]).clamp(min=0).tolist()): out[j] = v
         self.train(was)
         return out
 
-# %% ../nbs/09_elis.ipynb #f79fcb05
+# %% ../nbs/09_elis.ipynb #114bdb23
 import io
 import numpy as np
 
@@ -336,7 +427,7 @@ class EmbeddingCache:
         order = sorted(self.keys, key=self.keys.get)
         atomic_write(self.dir/'keys.json', json.dumps({'encoder': self.encoder_key, 'keys': order}))
 
-# %% ../nbs/09_elis.ipynb #b4a4c94b
+# %% ../nbs/09_elis.ipynb #a774f8fb
 import heapq
 from dataclasses import dataclass, field
 from .core import pyplot, save_figure
@@ -412,7 +503,7 @@ def simulate(requests:list[SimRequest],  # the requests, with their arrival time
                 tokens_per_s=float(sum(r.tokens for r in requests) / span) if span > 0 else math.inf,
                 start=start, finish=finish)
 
-# %% ../nbs/09_elis.ipynb #9189818b
+# %% ../nbs/09_elis.ipynb #d4cf1082
 def _at_windows(marks:list[tuple[int, float]], n:int, window:int) -> list[float]:
     "Predictions at 0, window, 2*window, ... tokens: the latest sample's, less the tokens generated since."
     res, j = [], 0
@@ -487,7 +578,7 @@ def plot_schedules(rows:list[dict], path=None):
     plt.close(fig)
     return fig
 
-# %% ../nbs/09_elis.ipynb #c120e32a
+# %% ../nbs/09_elis.ipynb #2090b04a
 import time
 from .core import JobConfig, LlmwbError, RunResult, MetricsLog, start_run, get_device, set_seed, slugify, _fmt_num
 
@@ -495,7 +586,7 @@ from .core import JobConfig, LlmwbError, RunResult, MetricsLog, start_run, get_d
 class ELISJob(JobConfig):
     "Train the ELIS remaining-length predictor on traces, test it, and simulate the scheduler it serves."
     data: str = 'sample'              # traces: 'sample' (generated offline), a trace JSONL file, or a folder of <model>/vllm_results_training.jsonl
-    n_requests: int = 1500            # requests generated when data='sample'
+    n_requests: int = 3000            # requests generated when data='sample'
     every: int = 50                   # tokens between a response's samples (data='sample') and between the simulator's scheduling decisions
     skip_bad_lines: bool = False      # skip and count invalid trace lines instead of stopping at the first
     encoder: str = 'auto'             # auto (bge-base-en-v1.5 if loadable, else the packaged all-MiniLM-L6-v2), a folder or a hub id
@@ -503,6 +594,7 @@ class ELISJob(JobConfig):
     hidden: int = 1024                # width of the head's hidden layers
     max_length: int = 512             # encoder tokens read per text (prompt + generated so far)
     freeze_encoder: bool = True       # train only the head, on cached embeddings (False fine-tunes the encoder too)
+    prompt_embedding: bool = True     # the head also reads the prompt's own embedding, which a long generated text dilutes (False: the paper's one embedding)
     learning_rate: float = 1e-4       # Adam learning rate
     batch_size: int = 16              # records per step
     num_epochs: int = 16              # epochs at most
@@ -521,7 +613,7 @@ class ELISJob(JobConfig):
     run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/ (a resumed run keeps its own)
     name: str = ''                    # readable run name; '' makes one from the config
 
-    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'batch_size', 'seed')
+    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'prompt_embedding', 'batch_size', 'seed')
 
     def validate(self):
         for k in ('n_requests', 'every', 'num_layers', 'hidden', 'max_length', 'batch_size', 'num_epochs', 'encode_batch_size',
@@ -565,7 +657,8 @@ def _resume_checkpoint(job) -> tuple[Path, Path]:
     run = ck.parent.parent if ck.parent.name == 'checkpoints' else ck.parent
     return run, ck
 
-def _head_shape(cfg:dict) -> str: return f"{cfg['num_layers']} layers x {cfg['hidden']} on {cfg['d_in']}-d embeddings"
+def _head_shape(cfg:dict) -> str:
+    return f"{cfg['num_layers']} layers x {cfg['hidden']} on " + ("two " if cfg.get('prompt_embedding') else "") + f"{cfg['d_in']}-d embeddings"
 
 def load_predictor(path,                # a run folder (its best_model.pt) or a checkpoint file
                    device='cpu') -> ELISPredictor:
@@ -574,7 +667,7 @@ def load_predictor(path,                # a run folder (its best_model.pt) or a 
     cfg = ck['predictor']
     p = ck.get('encoder_path')
     enc = p if p and Path(p).exists() else cfg['encoder']   # the very encoder it was trained on, where it is still there
-    pred = ELISPredictor(enc, **{k: cfg[k] for k in ('num_layers', 'hidden', 'max_length', 'freeze_encoder')})
+    pred = ELISPredictor(enc, **{k: cfg[k] for k in ('num_layers', 'hidden', 'max_length', 'freeze_encoder')}, prompt_embedding=cfg.get('prompt_embedding', False))
     if pred.config['d_in'] != cfg['d_in']:
         raise ConfigError(f"The checkpoint's head reads {cfg['d_in']}-d embeddings but encoder {cfg['encoder']!r} now gives {pred.config['d_in']}-d.",
                           fix="load it where the encoder it was trained with is available.")
@@ -594,8 +687,6 @@ def load_elis_data(job:ELISJob) -> tuple[DatasetDict, dict]:
     else: ds, report = read_traces(job.data, skip_bad_lines=job.skip_bad_lines)
     return split_by_prompt(ds, seed=job.seed), report
 
-def _texts(ds): return [p + g for p, g in zip(ds['input_prompt'], ds['output_prompt'])]
-
 def _save_ckpt(path, pred, opt, job, epoch, state):
     sd = {k: v for k, v in pred.state_dict().items() if not (pred.freeze_encoder and k.startswith('encoder.'))}
     buf = io.BytesIO()
@@ -606,11 +697,6 @@ def _save_ckpt(path, pred, opt, job, epoch, state):
 def _errors(pred_tokens:torch.Tensor, y:torch.Tensor, y_var:float) -> dict:
     d = pred_tokens - y
     return dict(loss=float((d ** 2).mean() / y_var), mae=float(d.abs().mean()), rmse=float((d ** 2).mean().sqrt()))
-
-def r2_score(pred, y) -> float:
-    "The coefficient of determination of predictions `pred` for targets `y`."
-    pred, y = torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 def plot_training(history:list[dict], path=None):
     "Train and validation loss per epoch (and validation MAE), from `training_history.json`'s records."
@@ -650,16 +736,17 @@ def train_elis(job:ELISJob,          # the job
     ck = _load_ckpt(resume[1]) if resume else None
     if ck:
         have = ck['predictor']
-        if (have['num_layers'], have['hidden']) != (job.num_layers, job.hidden):
+        if (have['num_layers'], have['hidden'], have.get('prompt_embedding', False)) != (job.num_layers, job.hidden, job.prompt_embedding):
             raise ConfigError(f"Cannot resume {str(resume[1])!r}: its head has {_head_shape(have)}, this job asks for "
-                              f"{job.num_layers} layers x {job.hidden}.",
-                              fix=f"resume with num_layers={have['num_layers']} and hidden={have['hidden']}, or start a new run without resume.")
+                              f"{job.num_layers} layers x {job.hidden}" + (" on two embeddings" if job.prompt_embedding else " on one embedding") + ".",
+                              fix=f"resume with num_layers={have['num_layers']}, hidden={have['hidden']} and prompt_embedding={have.get('prompt_embedding', False)}, "
+                                  "or start a new run without resume.")
         bad = [k for k in job.resume_fields if k in ck['job'] and ck['job'][k] != getattr(job, k)]
         if bad: raise ConfigError(f"Cannot resume {str(resume[1])!r}: " + ', '.join(f"{k}={ck['job'][k]!r} there, {getattr(job, k)!r} here" for k in bad) + '.',
                                   fix="resume with the run's own values (its config.json), or start a new run without resume.")
     set_seed(job.seed)
     sp, report = load_elis_data(job)
-    pred = ELISPredictor(job.encoder, job.num_layers, job.hidden, job.max_length, job.freeze_encoder).to(device)
+    pred = ELISPredictor(job.encoder, job.num_layers, job.hidden, job.max_length, job.freeze_encoder, job.prompt_embedding).to(device)
     if ck and ck['predictor']['d_in'] != pred.config['d_in']:
         raise ConfigError(f"Cannot resume {str(resume[1])!r}: its head has {_head_shape(ck['predictor'])}, but encoder "
                           f"{pred.encoder_id!r} gives {pred.config['d_in']}-d embeddings.", fix="resume with the encoder the run was trained with.")
@@ -668,14 +755,17 @@ def train_elis(job:ELISJob,          # the job
     if resume:
         with open(run_dir/'resumes.jsonl', 'a') as f:
             f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'resume': job.resume, 'from_epoch': ck['epoch'], 'config': job.to_dict()}, default=str) + '\n')
-    texts = {k: _texts(v) for k, v in sp.items()}
+    prompts, gens = {k: list(v['input_prompt']) for k, v in sp.items()}, {k: list(v['output_prompt']) for k, v in sp.items()}
+    texts = {k: [p + g for p, g in zip(prompts[k], gens[k])] for k in sp}
     Y = {k: torch.tensor(v['remaining_tokens'], dtype=torch.float32) for k, v in sp.items()}
     emb, encode_s, n_encoded = {}, 0.0, 0
     if job.freeze_encoder:
         cache = EmbeddingCache(job.embedding_cache or elis_cache_dir(), pred.cache_key)
         t0 = time.time()
         for k in sp:
-            emb[k], n = cache.get(texts[k], pred.embed, job.encode_batch_size, progress=not quiet); n_encoded += n
+            # the prompts' own embeddings are those of the requests' first records (nothing generated yet), so usually cached already
+            e, n = cache.get(texts[k] + (prompts[k] if job.prompt_embedding else []), pred.embed, job.encode_batch_size, progress=not quiet)
+            emb[k], n_encoded = torch.cat([e[:len(texts[k])], e[len(texts[k]):]], 1) if job.prompt_embedding else e, n_encoded + n
         encode_s = time.time() - t0
     y_std = float(Y['train'].std().clamp(min=1.0)) if len(Y['train']) > 1 else 1.0
     pred.y_mean.fill_(float(Y['train'].mean())); pred.y_std.fill_(y_std)
@@ -689,7 +779,7 @@ def train_elis(job:ELISJob,          # the job
 
     def outputs(k, ix):
         "Predicted remaining tokens of records `ix` of split `k`: from cached embeddings, or through the encoder being trained."
-        return pred(embeddings=emb[k][ix].to(device)) if job.freeze_encoder else pred([texts[k][j] for j in ix.tolist()])
+        return pred(embeddings=emb[k][ix].to(device)) if job.freeze_encoder else pred([prompts[k][j] for j in ix.tolist()], [gens[k][j] for j in ix.tolist()])
 
     def evaluate(k):
         pred.eval()

@@ -36,7 +36,7 @@ def test_notebook_run_and_resume(runs_dir, cache_dir, tmp_path):
     r2 = train_elis(ELISJob(**{**SMALL, 'num_epochs': 4, 'resume': str(run), 'simulate': False}), quiet=True)
     assert r2.run_dir == run and r2['texts_encoded'] == 0
     assert [h['epoch'] for h in json.loads((run/'training_history.json').read_text())] == [1, 2, 3, 4]
-    with pytest.raises(Exception, match=r'its head has 3 layers x 64 on 384-d embeddings, this job asks for 8 layers x 64'):
+    with pytest.raises(Exception, match=r'its head has 3 layers x 64 on two 384-d embeddings, this job asks for 8 layers x 64'):
         train_elis(ELISJob(**{**SMALL, 'num_layers': 8, 'resume': str(run)}), quiet=True)
 
 def test_refused_input(runs_dir, cache_dir, tmp_path):
