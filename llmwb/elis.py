@@ -204,9 +204,10 @@ def _piece(rng, form, topic, n):
                    'description': (f"{topic[0].upper() + topic[1:]} is {a} and {b}.", f"Overall, {topic} is a {rng.choice(_E_GRAMMAR['adj'])} sight.")}[form]
     return first if n == 1 else ' '.join([first] + [_sentence(rng) for _ in range(n - 2)] + [last])
 
-def _news(rng, subject='The'):
+def _news(rng, summary:bool=False):
+    "A sentence of a news passage, or (`summary`) of a summary of one."
     g = {k: rng.choice(v) for k, v in _E_GRAMMAR.items()}
-    if subject == 'The': return (f"The {g['org']} {rng.choice(['announced', 'reported', 'opened', 'closed', 'changed', 'expanded'])} "
+    if not summary: return (f"The {g['org']} {rng.choice(['announced', 'reported', 'opened', 'closed', 'changed', 'expanded'])} "
                                  f"{rng.choice(['a new', 'its', 'an old', 'the local'])} {rng.choice(_E_GRAMMAR['org'])} "
                                  f"{rng.choice(['on Monday', 'last year', 'this week', 'after a long debate', 'in the spring'])}.")
     return (f"{rng.choice(['The text', 'The passage', 'It', 'The author'])} {rng.choice(['explains', 'notes', 'reports', 'says', 'points out'])} that "
@@ -235,7 +236,7 @@ def make_elis_request(rng:random.Random) -> tuple[str, str, str]:
                 rng.choice(['Yes.', 'No.', 'Yes, it is.', 'No, it is not.']), 'yesno')
     spec = rng.choice(list(_E_SUMMARY))
     passage = ' '.join(_news(rng) for _ in range(rng.randint(4, 8)))
-    return (f"Summarize the following text {spec}: {passage}", ' '.join(_news(rng, 'It') for _ in range(rng.randint(*_E_SUMMARY[spec]))),
+    return (f"Summarize the following text {spec}: {passage}", ' '.join(_news(rng, summary=True) for _ in range(rng.randint(*_E_SUMMARY[spec]))),
             f'summary/{spec}')
 
 def make_sample_traces(n_requests:int=3000,  # requests to make
@@ -420,6 +421,12 @@ class EmbeddingCache:
             self._save()
         idx = [self.keys[text_key(t)] for t in texts]
         return torch.from_numpy(self.emb[idx]), len(todo)
+
+    def features(self, pred, prompts:list[str], generated:list[str], batch_size:int=16, progress:bool=False) -> tuple[torch.Tensor, int]:
+        "`pred.features(prompts, generated)` from the cache, and how many texts were encoded. A prompt's own embedding is that of its request's first record (nothing generated yet), so usually stored already."
+        texts = [p + g for p, g in zip(prompts, generated)]
+        e, n = self.get(texts + (list(prompts) if pred.prompt_embedding else []), pred.embed, batch_size, progress)
+        return (torch.cat([e[:len(texts)], e[len(texts):]], 1) if pred.prompt_embedding else e), n
 
     def _save(self):
         buf = io.BytesIO(); np.save(buf, self.emb)
@@ -613,7 +620,7 @@ class ELISJob(JobConfig):
     run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/ (a resumed run keeps its own)
     name: str = ''                    # readable run name; '' makes one from the config
 
-    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'prompt_embedding', 'batch_size', 'seed')
+    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'batch_size', 'seed')   # prompt_embedding: the head-shape check
 
     def validate(self):
         for k in ('n_requests', 'every', 'num_layers', 'hidden', 'max_length', 'batch_size', 'num_epochs', 'encode_batch_size',
@@ -756,16 +763,13 @@ def train_elis(job:ELISJob,          # the job
         with open(run_dir/'resumes.jsonl', 'a') as f:
             f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'resume': job.resume, 'from_epoch': ck['epoch'], 'config': job.to_dict()}, default=str) + '\n')
     prompts, gens = {k: list(v['input_prompt']) for k, v in sp.items()}, {k: list(v['output_prompt']) for k, v in sp.items()}
-    texts = {k: [p + g for p, g in zip(prompts[k], gens[k])] for k in sp}
     Y = {k: torch.tensor(v['remaining_tokens'], dtype=torch.float32) for k, v in sp.items()}
     emb, encode_s, n_encoded = {}, 0.0, 0
     if job.freeze_encoder:
         cache = EmbeddingCache(job.embedding_cache or elis_cache_dir(), pred.cache_key)
         t0 = time.time()
         for k in sp:
-            # the prompts' own embeddings are those of the requests' first records (nothing generated yet), so usually cached already
-            e, n = cache.get(texts[k] + (prompts[k] if job.prompt_embedding else []), pred.embed, job.encode_batch_size, progress=not quiet)
-            emb[k], n_encoded = torch.cat([e[:len(texts[k])], e[len(texts[k]):]], 1) if job.prompt_embedding else e, n_encoded + n
+            emb[k], n = cache.features(pred, prompts[k], gens[k], job.encode_batch_size, progress=not quiet); n_encoded += n
         encode_s = time.time() - t0
     y_std = float(Y['train'].std().clamp(min=1.0)) if len(Y['train']) > 1 else 1.0
     pred.y_mean.fill_(float(Y['train'].mean())); pred.y_std.fill_(y_std)
