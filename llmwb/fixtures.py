@@ -15,7 +15,7 @@ from .data import make_sample_imdb, _review, _sent_copula, _sent_phrase, _sent_c
 from .registry import REGISTRY, get_spec
 
 # %% auto #0
-__all__ = ['S', 'I', 'FIXTURES', 'write_fixture', 'write_fixture_mirror', 'fixture_configs']
+__all__ = ['S', 'I', 'FIXTURES', 'CODE_TASKS', 'write_fixture', 'write_fixture_mirror', 'fixture_configs', 'code_solution']
 
 # %% ../nbs/01b_fixtures.ipynb #078e6b59
 S, I = Value('string'), Value('int64')
@@ -333,3 +333,118 @@ def write_fixture_mirror(root:str|Path,       # the mirror's root folder (create
 def fixture_configs(name:str) -> list:
     "The configs the fixture of `name` holds, as `load_task` takes them ([None] when the dataset has none)."
     return [c for c in _fixture_files(name) if c not in (None, 'default')] or [None]
+
+# %% ../nbs/01b_fixtures.ipynb #fb5cea98
+def _code_task(i:int, doc:str, code_prompt:str, solution:str, wrong:str, test:str, libs:list) -> dict:
+    return {'task_id': f'llmwb/{i}', 'entry_point': 'task_func', 'libs': json.dumps(libs), 'code_prompt': code_prompt,
+            'instruct_prompt': f"{doc}\nYou should write self-contained code starting with:\n```\n{code_prompt}```",
+            'canonical_solution': solution, 'wrong_solution': wrong, 'test': test}
+
+CODE_TASKS = [
+    _code_task(0, "Return the mean and the sample standard deviation of a DataFrame column, each rounded to 2 places. "
+               "Raise ValueError when the column is missing or the DataFrame is empty.",
+               "import pandas as pd\ndef task_func(df, column):\n",
+               "    if df.empty or column not in df.columns:\n        raise ValueError('missing column or empty DataFrame')\n"
+               "    s = df[column]\n    return round(float(s.mean()), 2), round(float(s.std()), 2)\n",
+               "    s = df[column]\n    return round(float(s.mean()), 2), round(float(s.std(ddof=0)), 2)\n",
+               "import unittest\nimport pandas as pd\nclass TestCases(unittest.TestCase):\n"
+               "    def test_basic(self):\n        self.assertEqual(task_func(pd.DataFrame({'a': [1, 2, 3, 4]}), 'a'), (2.5, 1.29))\n"
+               "    def test_constant(self):\n        self.assertEqual(task_func(pd.DataFrame({'x': [5, 5, 5]}), 'x'), (5.0, 0.0))\n"
+               "    def test_missing_column(self):\n        with self.assertRaises(ValueError):\n            task_func(pd.DataFrame({'a': [1]}), 'b')\n"
+               "    def test_empty(self):\n        with self.assertRaises(ValueError):\n            task_func(pd.DataFrame({'a': []}), 'a')\n",
+               ['pandas']),
+    _code_task(1, "Standardize a sequence of numbers to zero mean and unit (population) variance, as a float ndarray. "
+               "Raise ValueError for an empty or constant input.",
+               "import numpy as np\ndef task_func(data):\n",
+               "    arr = np.asarray(data, dtype=float)\n    if arr.size == 0:\n        raise ValueError('empty input')\n"
+               "    std = arr.std()\n    if std == 0:\n        raise ValueError('constant input')\n    return (arr - arr.mean()) / std\n",
+               "    arr = np.asarray(data, dtype=float)\n    return (arr - arr.mean()) / arr.std()\n",
+               "import unittest\nimport numpy as np\nclass TestCases(unittest.TestCase):\n"
+               "    def test_values(self):\n        np.testing.assert_allclose(task_func([1, 2, 3]), [-1.2247449, 0.0, 1.2247449], rtol=1e-6)\n"
+               "    def test_moments(self):\n        out = task_func(np.arange(10))\n"
+               "        self.assertAlmostEqual(float(out.mean()), 0.0)\n        self.assertAlmostEqual(float(out.std()), 1.0)\n"
+               "    def test_type(self):\n        self.assertIsInstance(task_func([3, 1]), np.ndarray)\n"
+               "    def test_errors(self):\n        with self.assertRaises(ValueError):\n            task_func([])\n"
+               "        with self.assertRaises(ValueError):\n            task_func([2, 2, 2])\n",
+               ['numpy']),
+    _code_task(2, "Return the n most common words of a text as (word, count) pairs: words are lowercased runs of letters and "
+               "apostrophes, and ties keep the order of first appearance.",
+               "import re\nfrom collections import Counter\ndef task_func(text, n=3):\n",
+               "    words = re.findall(r\"[a-z']+\", text.lower())\n    return Counter(words).most_common(n)\n",
+               "    words = re.findall(r\"[A-Za-z']+\", text)\n    return Counter(words).most_common(n)\n",
+               "import unittest\nclass TestCases(unittest.TestCase):\n"
+               "    def test_basic(self):\n        self.assertEqual(task_func('The cat and the hat. The END', 2), [('the', 3), ('cat', 1)])\n"
+               "    def test_case(self):\n        self.assertEqual(task_func('A a A b', 1), [('a', 3)])\n"
+               "    def test_empty(self):\n        self.assertEqual(task_func(''), [])\n"
+               "    def test_apostrophe(self):\n        self.assertEqual(task_func(\"don't stop, don't\", 1), [(\"don't\", 2)])\n",
+               ['re', 'collections']),
+    _code_task(3, "Draw a histogram of the values with the given number of bins, titled 'Histogram', with x label 'Value' and "
+               "y label 'Frequency', and return the Axes. Do not show the figure.",
+               "import matplotlib.pyplot as plt\nimport numpy as np\ndef task_func(values, bins=10):\n",
+               "    fig, ax = plt.subplots()\n    ax.hist(np.asarray(values, dtype=float), bins=bins)\n"
+               "    ax.set_title('Histogram')\n    ax.set_xlabel('Value')\n    ax.set_ylabel('Frequency')\n    return ax\n",
+               "    fig, ax = plt.subplots()\n    ax.hist(np.asarray(values, dtype=float), bins=bins)\n"
+               "    ax.set_title('histogram')\n    ax.set_xlabel('Value')\n    ax.set_ylabel('Frequency')\n    return ax\n",
+               "import unittest\nfrom unittest.mock import patch\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+               "class TestCases(unittest.TestCase):\n    def tearDown(self):\n        plt.close('all')\n"
+               "    def test_labels(self):\n        ax = task_func([1, 2, 2, 3])\n"
+               "        self.assertEqual((ax.get_title(), ax.get_xlabel(), ax.get_ylabel()), ('Histogram', 'Value', 'Frequency'))\n"
+               "    def test_bins(self):\n        ax = task_func(list(range(100)), bins=5)\n        self.assertEqual(len(ax.patches), 5)\n"
+               "        self.assertEqual(sum(p.get_height() for p in ax.patches), 100)\n"
+               "    @patch('matplotlib.pyplot.show')\n    def test_no_show(self, show):\n        task_func([1.0, 2.5])\n        show.assert_not_called()\n",
+               ['matplotlib', 'numpy']),
+    _code_task(4, "Return the English weekday name of each 'YYYY-MM-DD' date string. Raise ValueError for a date that does not exist.",
+               "from datetime import datetime\ndef task_func(dates):\n",
+               "    names = ['Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday', 'Sunday']\n"
+               "    return [names[datetime.strptime(d, '%Y-%m-%d').weekday()] for d in dates]\n",
+               "    names = ['Sunday', 'Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday']\n"
+               "    return [names[datetime.strptime(d, '%Y-%m-%d').weekday()] for d in dates]\n",
+               "import unittest\nclass TestCases(unittest.TestCase):\n"
+               "    def test_known(self):\n        self.assertEqual(task_func(['2024-01-01', '2024-02-29']), ['Monday', 'Thursday'])\n"
+               "    def test_empty(self):\n        self.assertEqual(task_func([]), [])\n"
+               "    def test_bad(self):\n        with self.assertRaises(ValueError):\n            task_func(['2023-02-29'])\n",
+               ['datetime']),
+    _code_task(5, "Parse a JSON list of objects with 'name' and 'score' into a DataFrame with those two columns, sorted by "
+               "score (highest first, ties by name), with a fresh index.",
+               "import json\nimport pandas as pd\ndef task_func(records_json):\n",
+               "    df = pd.DataFrame(json.loads(records_json), columns=['name', 'score'])\n"
+               "    return df.sort_values(['score', 'name'], ascending=[False, True]).reset_index(drop=True)\n",
+               "    df = pd.DataFrame(json.loads(records_json), columns=['name', 'score'])\n"
+               "    return df.sort_values(['score', 'name']).reset_index(drop=True)\n",
+               "import unittest, json\nimport pandas as pd\nclass TestCases(unittest.TestCase):\n"
+               "    def test_sorted(self):\n"
+               "        out = task_func(json.dumps([{'name': 'b', 'score': 2}, {'name': 'a', 'score': 3}, {'name': 'c', 'score': 2}]))\n"
+               "        pd.testing.assert_frame_equal(out, pd.DataFrame({'name': ['a', 'b', 'c'], 'score': [3, 2, 2]}))\n"
+               "    def test_empty(self):\n        out = task_func('[]')\n"
+               "        self.assertEqual(list(out.columns), ['name', 'score'])\n        self.assertEqual(len(out), 0)\n"
+               "    def test_bad_json(self):\n        with self.assertRaises(json.JSONDecodeError):\n            task_func('{not json')\n",
+               ['json', 'pandas']),
+    _code_task(6, "Simulate a random walk of n steps of +1 or -1 drawn with numpy.random.default_rng(seed), starting at 0, and "
+               "return the positions as an int array of length n + 1. Raise ValueError for a negative n.",
+               "import numpy as np\ndef task_func(n, seed=0):\n",
+               "    if n < 0:\n        raise ValueError('n must be >= 0')\n    rng = np.random.default_rng(seed)\n"
+               "    steps = rng.choice([-1, 1], size=n)\n    return np.concatenate([[0], np.cumsum(steps)]).astype(int)\n",
+               "    rng = np.random.default_rng(seed)\n    return np.cumsum(rng.choice([-1, 1], size=n)).astype(int)\n",
+               "import unittest\nimport numpy as np\nclass TestCases(unittest.TestCase):\n"
+               "    def test_shape(self):\n        w = task_func(50, seed=1)\n        self.assertEqual(w.shape, (51,))\n        self.assertEqual(int(w[0]), 0)\n"
+               "    def test_steps(self):\n        self.assertTrue(set(np.diff(task_func(200, seed=2)).tolist()) <= {-1, 1})\n"
+               "    def test_seeded(self):\n        np.testing.assert_array_equal(task_func(20, seed=3), task_func(20, seed=3))\n"
+               "    def test_negative(self):\n        with self.assertRaises(ValueError):\n            task_func(-1)\n",
+               ['numpy']),
+    _code_task(7, "Return the index of the row with the largest median (the first such row on ties). Raise ValueError for an "
+               "empty matrix or an empty row.",
+               "import statistics\ndef task_func(matrix):\n",
+               "    if not matrix or any(len(r) == 0 for r in matrix):\n        raise ValueError('empty matrix or row')\n"
+               "    medians = [statistics.median(r) for r in matrix]\n    return medians.index(max(medians))\n",
+               "    if not matrix:\n        raise ValueError('empty matrix')\n    tops = [max(r) for r in matrix]\n    return tops.index(max(tops))\n",
+               "import unittest\nclass TestCases(unittest.TestCase):\n"
+               "    def test_basic(self):\n        self.assertEqual(task_func([[1, 2, 3], [10, 0, 0], [4, 5, 6]]), 2)\n"
+               "    def test_even(self):\n        self.assertEqual(task_func([[1, 4], [2, 2.6]]), 0)\n"
+               "    def test_tie(self):\n        self.assertEqual(task_func([[5], [5]]), 0)\n"
+               "    def test_empty(self):\n        with self.assertRaises(ValueError):\n            task_func([])\n",
+               ['statistics']),
+]
+
+def code_solution(task:dict, wrong:bool=False) -> str:
+    "A task's full solution as a completion would give it: the code prompt, then the canonical (or the wrong) body."
+    return task['code_prompt'] + task['wrong_solution' if wrong else 'canonical_solution']
