@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_grpo.ipynb #eb689c87
 from __future__ import annotations
-import os, re, ast, sys, json, tempfile, subprocess, textwrap
+import os, re, ast, sys, json
 from pathlib import Path
 
 from .core import ConfigError
@@ -12,10 +12,10 @@ from .evaluation import extract_number, numbers_match, parse_label, token_f1
 
 # %% auto #0
 __all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
-           'math_reward', 'classification_reward', 'extract_code', 'defines', 'run_sandboxed', 'code_reward',
-           'qa_reward', 'get_reward', 'combine_rewards', 'RewardModelReward', 'limit_prompts', 'GRPOJob',
-           'cpu_sampling', 'CompactGRPOTrainer', 'weighted_total', 'SampleRecorder', 'evaluate_policy', 'train_grpo',
-           'reward_curves', 'plot_rewards', 'evaluate_stages', 'plot_stages']
+           'math_reward', 'classification_reward', 'code_reward', 'qa_reward', 'get_reward', 'combine_rewards',
+           'RewardModelReward', 'limit_prompts', 'GRPOJob', 'cpu_sampling', 'CompactGRPOTrainer', 'weighted_total',
+           'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves', 'plot_rewards', 'evaluate_stages',
+           'plot_stages']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -72,76 +72,22 @@ def classification_reward(completions, label=None, source=None, label_names=None
     return out
 
 # %% ../nbs/08_grpo.ipynb #e56f8218
-_FENCE = re.compile(r'```(?:python|py)?\s*\n(.*?)```', re.S)
+from .sandbox import extract_code, defines, score_code
 
-def extract_code(text:str) -> str:
-    "The code in `text`: the first ```python fenced block if there is one, else the text."
-    m = _FENCE.search(text)
-    return m.group(1) if m else text
-
-def defines(code:str, name:str) -> bool:
-    "Whether `code` parses and defines a top-level function (or class) `name`."
-    try: tree = ast.parse(code)
-    except SyntaxError: return False
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name for n in tree.body)
-
-_GUARD = r'''
-import sys, os, resource
-_root = os.path.realpath(os.getcwd())
-resource.setrlimit(resource.RLIMIT_CPU, ({cpu}, {cpu}))
-resource.setrlimit(resource.RLIMIT_AS, ({mem}, {mem}))
-def _hook(event, args, _root=_root, _rp=os.path.realpath):
-    if event == 'open':
-        path, mode = args[0], args[1]
-        writing = isinstance(mode, str) and any(ch in mode for ch in 'wax+')
-        if isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND): writing = True
-        if writing and isinstance(path, (str, bytes)) and not _rp(path if isinstance(path, str) else path.decode()).startswith(_root + os.sep):
-            raise PermissionError(f"sandbox: writing {{path!r}} outside the sandbox folder is not allowed")
-    elif event.startswith(('socket.', 'subprocess.', 'os.system', 'os.exec', 'os.posix_spawn', 'os.fork', 'os.spawn', 'ctypes.dlopen', 'os.kill')):
-        raise PermissionError(f"sandbox: {{event}} is not allowed")
-    elif event in ('os.remove', 'os.rename', 'os.rmdir', 'os.mkdir', 'shutil.rmtree', 'os.chmod'):
-        p = args[0]
-        if isinstance(p, (str, bytes)) and not _rp(p if isinstance(p, str) else p.decode()).startswith(_root + os.sep):
-            raise PermissionError(f"sandbox: {{event}} on {{p!r}} outside the sandbox folder is not allowed")
-sys.addaudithook(_hook)
-del _hook
-import types
-_m = types.ModuleType('__main__'); _m.__file__ = 'candidate.py'; sys.modules['__main__'] = _m
-exec(compile(open('candidate.py').read(), 'candidate.py', 'exec'), _m.__dict__)
-'''
-
-def run_sandboxed(code:str,               # the program to run
-                  timeout:float=10.0,     # wall-clock seconds
-                  cpu_seconds:int=5,      # CPU-time limit
-                  memory_mb:int=1024      # address-space limit
-                 ) -> tuple[bool, str]:
-    "Run `code` in a sandboxed `python -I` subprocess; (whether it exited 0, the reason or the output's tail)."
-    with tempfile.TemporaryDirectory(prefix='llmwb-sandbox-') as d:
-        Path(d, 'candidate.py').write_text(code)
-        Path(d, 'guard.py').write_text(_GUARD.format(cpu=int(cpu_seconds), mem=int(memory_mb) << 20))
-        env = {'PATH': os.environ.get('PATH', ''), 'HOME': d, 'TMPDIR': d, 'PYTHONHASHSEED': '0', 'no_proxy': '*', 'NO_PROXY': '*'}
-        try:
-            p = subprocess.run([sys.executable, '-I', 'guard.py'], cwd=d, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired: return False, f'timed out after {timeout:g}s'
-        if p.returncode == 0: return True, p.stdout[-500:]
-        why = 'CPU time limit' if p.returncode in (-9, -24, 152) else f'exit {p.returncode}'
-        return False, f"{why}: {(p.stderr or p.stdout)[-500:]}"
-
-def code_reward(completions, entry_point=None, test=None, run_tests:bool=False, timeout:float=10.0, **kw) -> list[float|None]:
+def code_reward(completions, entry_point=None, test=None,
+                run_tests:bool=False,         # run each row's tests against its completion in the sandbox
+                timeout:float=10.0,           # wall-clock seconds a completion's tests may take
+                max_code_chars:int=20_000,    # longer code scores 0
+                log_metric=None, **kw) -> list[float|None]:
     "0 unparseable, 0.5 parses, 1 defines `entry_point`; with `run_tests`, 1 only when the row's tests pass in the sandbox."
-    n, out = len(completions), []
-    for c, ep, t in zip(completions, _col({'e': entry_point}, 'e', n), _col({'t': test}, 't', n)):
-        code = extract_code(completion_text(c))
-        try: ast.parse(code)
-        except SyntaxError: out.append(0.0); continue
-        if not ep: out.append(0.5); continue
-        if not defines(code, ep): out.append(0.5); continue
-        if run_tests and t:
-            prog = code + '\n\n' + t + '\n\nimport unittest, sys\n' + \
-                   "r = unittest.main(module='__main__', exit=False, argv=['x']).result\nsys.exit(0 if r.wasSuccessful() and r.testsRun else 1)\n"
-            out.append(1.0 if run_sandboxed(prog, timeout)[0] else 0.0)
-        else: out.append(1.0)
-    return out
+    n = len(completions)
+    scores = score_code([completion_text(c) for c in completions], _col({'e': entry_point}, 'e', n), _col({'t': test}, 't', n),
+                        run_tests=run_tests, max_code_chars=max_code_chars, timeout=timeout, cpu_seconds=max(1, round(timeout)))
+    ran = [s.result for s in scores if s.result is not None]
+    if log_metric is not None and ran:
+        log_metric('code/tests_passed', sum(r.ok for r in ran) / len(ran))
+        log_metric('code/timed_out', sum(r.timed_out for r in ran) / len(ran))
+    return [s.score for s in scores]
 
 # %% ../nbs/08_grpo.ipynb #16a2af65
 def qa_reward(completions, answer=None, **kw) -> list[float|None]:
@@ -261,6 +207,8 @@ class GRPOJob(JobConfig):
     reward_weights: list|None = None  # one weight per reward, the reward model last (None: all 1)
     reward_model: str = ''            # a sequence-classification model (folder, run folder or hub id) whose score is a reward
     run_tests: bool = False           # code reward: run each row's tests against the completion in the sandbox
+    code_timeout: float = 10.0        # code reward with run_tests: wall-clock seconds a completion's tests may take
+    max_code_chars: int = 20000       # code reward: a completion whose code is longer scores 0
     grpo_beta: float = 0.0            # KL penalty against the starting model (0: no reference model is kept)
     grpo_group_size: int = 8          # completions sampled per prompt (TRL's num_generations), at least 2
     max_prompt_length: int = 256      # prompt tokens kept; longer prompts lose their beginning
@@ -299,12 +247,13 @@ class GRPOJob(JobConfig):
 
     def validate(self):
         for k in ('grpo_group_size', 'max_prompt_length', 'max_completion_length', 'max_steps', 'batch_size', 'grad_accum',
-                  'num_iterations', 'eval_batch_size', 'logging_steps', 'lora_r'):
+                  'num_iterations', 'eval_batch_size', 'logging_steps', 'lora_r', 'max_code_chars'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
         for k in ('max_train_examples', 'max_eval_examples', 'rl_warmup_steps', 'num_samples'):
             if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
         if self.grpo_group_size < 2:
             raise ConfigError(f"grpo_group_size must be >= 2, got {self.grpo_group_size}: GRPO compares each completion with the others of its prompt.")
+        if self.code_timeout <= 0: raise ConfigError(f"code_timeout must be > 0 seconds, got {self.code_timeout}.")
         if self.grpo_beta < 0: raise ConfigError(f"grpo_beta must be >= 0, got {self.grpo_beta}.")
         if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}: GRPO needs sampled completions that differ.")
         if self.rl_learning_rate is not None and not 0 < self.rl_learning_rate < 1:
@@ -436,15 +385,23 @@ from .core import MetricsLog, atomic_write, get_device, check_launch, pyplot, sa
 from .models import load_model, resolve_model_source, add_lora, merge_lora, trainable_summary
 from .evaluation import generate_batched, score_generations
 from .core import open_run
+from .sandbox import require_sandbox
 from .sft import MetricsCallback, _precision, log_run_metadata, _score_line
 
 def _reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
     "The reward callables of `job` for data of `spec`, and their names as logged."
     names = list(job.rewards) if job.rewards else ([] if job.reward_model else [TASK_REWARD[spec.task]])
-    funcs = [functools.partial(code_reward, run_tests=True) if n == 'code' and job.run_tests else get_reward(n) for n in names]
+    if job.run_tests and 'code' in names: require_sandbox()    # refused before training, never run unisolated
+    funcs = [_code_reward(job) if n == 'code' else get_reward(n) for n in names]
     if job.reward_model:
         funcs.append(RewardModelReward(job.reward_model, device)); names.append('reward_model')
     return funcs, names
+
+def _code_reward(job:GRPOJob):
+    "The code reward with the job's sandbox settings."
+    f = functools.partial(code_reward, run_tests=job.run_tests, timeout=job.code_timeout, max_code_chars=job.max_code_chars)
+    f.__name__ = 'code'
+    return f
 
 def weighted_total(values:list, weights:list[float]) -> float|None:
     "A completion's reward as TRL sums it: the weighted sum of the rewards that apply (not None); None when none does."

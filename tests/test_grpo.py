@@ -52,3 +52,20 @@ def test_cli_and_refused_input(runs_dir, tmp_path):
     with pytest.raises(Exception, match='one of math, classification, code, qa'): GRPOJob(rewards='bleu')
     with pytest.raises(Exception, match="does not support mode 'rl'"): train_grpo(GRPOJob(dataset='wikitext'), quiet=True)
     assert not list(runs_dir.iterdir())
+
+@pytest.mark.heavy
+def test_code_reward_runs_tests_in_the_sandbox_end_to_end(runs_dir, mirror):
+    "SFT teaches tiny-gpt2 the BigCodeBench fixture's function; GRPO with run_tests scores its samples in the sandbox."
+    from llmwb.sft import SFTJob, train_sft
+    from llmwb.grpo import GRPOJob, train_grpo
+    sft = train_sft(SFTJob(dataset='bigcodebench', data_dir=str(mirror), max_steps=40, batch_size=4, lr=1e-3, max_eval_examples=4,
+                           logging_steps=10), quiet=True)
+    g = train_grpo(GRPOJob(init_from=str(sft.run_dir), dataset='bigcodebench', data_dir=str(mirror), run_tests=True, max_steps=2,
+                           batch_size=8, grpo_group_size=4, max_completion_length=24, temperature=0.3, logging_steps=1,
+                           max_eval_examples=4, eval_batch_size=4, save_model=False), quiet=True)
+    recs = [json.loads(l) for l in (g.run_dir/'metrics.jsonl').read_text().splitlines()]
+    passed = [r['code/tests_passed'] for r in recs if 'code/tests_passed' in r]
+    assert g.metrics['status'] == 'completed' and passed and max(passed) > 0, recs
+    assert g.metrics['reward_after'] == 1.0        # the greedy held-out completions pass their tests in the sandbox
+    ends = json.loads((g.run_dir/'samples.json').read_text())['end']
+    assert any(c['reward'] == 1.0 and 'def task_func' in c['completion'] for grp in ends for c in grp['completions'])
