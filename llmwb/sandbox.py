@@ -89,13 +89,13 @@ def sandbox_path() -> list[str]:
     roots = python_roots()
     return [p for p in sys.path if p and os.path.isdir(p) and any(os.path.realpath(p) == r or os.path.realpath(p).startswith(r + os.sep) for r in roots)]
 
-# %% ../nbs/00b_sandbox.ipynb #0084cc54
+# %% ../nbs/00b_sandbox.ipynb #5e4dae4e
 _SYSTEM = ('/usr', '/bin', '/sbin', '/lib', '/lib32', '/lib64', '/libx32')
 _ETC = ('/etc/ld.so.cache', '/etc/ld.so.conf', '/etc/ld.so.conf.d', '/etc/localtime', '/etc/alternatives', '/etc/fonts')
 
 def _mounts() -> list[str]:
     "bwrap's filesystem arguments: read-only system folders and interpreter (with 0755 parents, whatever the host's are)."
-    args, have, made = [], [], set()
+    args, have, made = [], [], {'/tmp'}     # /tmp is the sandbox's own tmpfs, mounted first
     inside = lambda p: any(p == h or p.startswith(h + os.sep) for h in have)
     for p in _SYSTEM:
         if os.path.islink(p): args += ['--symlink', os.readlink(p), p]
@@ -138,7 +138,7 @@ def seccomp_filter(machine:str|None=None) -> bytes:
     jump = lambda i, t: at[t] - i - 1 if isinstance(t, str) else t
     return b''.join(struct.pack('=HBBI', c, jump(i, jt), jump(i, jf), k) for i, (c, jt, jf, k) in enumerate(prog))
 
-# %% ../nbs/00b_sandbox.ipynb #ddfa0850
+# %% ../nbs/00b_sandbox.ipynb #bef190b5
 SANDBOX_ENV = {'PATH': '/usr/local/bin:/usr/bin:/bin', 'HOME': '/tmp', 'TMPDIR': '/tmp', 'LANG': 'C.UTF-8', 'USER': 'sandbox',
                'LOGNAME': 'sandbox', 'PYTHONHASHSEED': '0', 'PYTHONDONTWRITEBYTECODE': '1', 'MPLBACKEND': 'Agg',
                'MPLCONFIGDIR': '/tmp/.matplotlib', 'OMP_NUM_THREADS': '1', 'OPENBLAS_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
@@ -156,9 +156,10 @@ def sandbox_command(mode:str,           # root, root-userns or user (see Sandbox
     args = [bwrap, '--unshare-pid', '--unshare-net', '--unshare-ipc', '--unshare-uts', '--unshare-cgroup-try', '--hostname', 'sandbox',
             '--die-with-parent', '--new-session', '--clearenv', '--info-fd', str(fds['info']), '--seccomp', str(fds['seccomp'])]
     if mode != 'root': args += ['--unshare-user', '--uid', str(_SANDBOX_UID), '--gid', str(_SANDBOX_UID), '--disable-userns']
-    args += [a for k, v in SANDBOX_ENV.items() for a in ('--setenv', k, v)] + _mounts()
-    args += ['--proc', '/proc', '--dev', '/dev', '--perms', '1777', '--size', str(disk_mb << 20), '--tmpfs', '/tmp',
-             '--perms', '1777', '--size', str(4 << 20), '--tmpfs', '/dev/shm', '--remount-ro', '/dev', '--remount-ro', '/', '--chdir', '/tmp']
+    args += [a for k, v in SANDBOX_ENV.items() for a in ('--setenv', k, v)]
+    args += ['--perms', '1777', '--size', str(disk_mb << 20), '--tmpfs', '/tmp'] + _mounts()   # /tmp first: an interpreter under /tmp stays visible
+    args += ['--proc', '/proc', '--dev', '/dev', '--perms', '1777', '--size', str(4 << 20), '--tmpfs', '/dev/shm',
+             '--remount-ro', '/dev', '--remount-ro', '/', '--chdir', '/tmp']
     cmd = [sys.executable, '-I', '-S', '-B', '-c', RUNNER_SOURCE, str(fds['verdict'])]
     if mode == 'root': return args + ['--', *pre, *cmd]
     return (pre if mode == 'root-userns' else []) + args + ['--', *cmd]
