@@ -18,8 +18,8 @@ from .core import ConfigError, DatasetError, atomic_write
 
 # %% auto #0
 __all__ = ['LMConfig', 'rope_tables', 'apply_rope', 'RMSNorm', 'CausalSelfAttention', 'SwiGLU', 'Block', 'linear_cross_entropy',
-           'TransformerLM', 'ByteTokenizer', 'get_tokenizer', 'token_file_meta', 'tokenize_to_file', 'CacheTokens',
-           'check_token_ids', 'load_tokens', 'get_batch', 'fixed_batches']
+           'TransformerLM', 'to_llama', 'ByteTokenizer', 'get_tokenizer', 'token_file_meta', 'tokenize_to_file',
+           'CacheTokens', 'check_token_ids', 'load_tokens', 'get_batch', 'fixed_batches']
 
 # %% ../nbs/05_lm.ipynb #806be38c
 @dataclass
@@ -153,7 +153,7 @@ def linear_cross_entropy(h:torch.Tensor,        # hidden states [N, d]
                          chunk:int=None         # tokens per chunk (None: about 4M logits per chunk)
                         ) -> torch.Tensor:
     "Mean cross-entropy of `h @ weight.T` against `targets`, computed chunk by chunk without materializing the logits."
-    chunk = chunk or max(64, (1 << 22) // weight.shape[0])
+    chunk = chunk or max(64, (1 << (26 if h.is_cuda else 22)) // weight.shape[0])   # on a GPU, chunks big enough to fill it
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 # %% ../nbs/05_lm.ipynb #bcd5da91
@@ -228,6 +228,26 @@ class TransformerLM(nn.Module):
             if eos_id is not None and done.all(): break
         self.train(was)
         return idx
+
+# %% ../nbs/05_lm.ipynb #tollama2
+def to_llama(model:TransformerLM,          # the model to convert
+             attn_implementation:str='sdpa' # transformers' attention implementation
+            ):
+    "transformers' `LlamaForCausalLM` with `model`'s configuration and a copy of its weights."
+    from transformers import LlamaConfig, AutoModelForCausalLM
+    c = model.cfg
+    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.num_layers,
+                     num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads, max_position_embeddings=c.context_length,
+                     rope_parameters={'rope_type': 'default', 'rope_theta': c.rope_theta}, rms_norm_eps=c.norm_eps,
+                     tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, use_cache=False)
+    hf = AutoModelForCausalLM.from_config(hc, attn_implementation=attn_implementation)
+    sd = {'model.embed_tokens.weight': model.embed.weight, 'model.norm.weight': model.norm.weight, 'lm_head.weight': model.lm_head.weight}
+    names = {'input_layernorm': 'norm1', 'post_attention_layernorm': 'norm2', 'self_attn.q_proj': 'attn.q', 'self_attn.k_proj': 'attn.k',
+             'self_attn.v_proj': 'attn.v', 'self_attn.o_proj': 'attn.proj', 'mlp.gate_proj': 'ffn.w1', 'mlp.up_proj': 'ffn.w3', 'mlp.down_proj': 'ffn.w2'}
+    for i, b in enumerate(model.blocks):
+        for hf_name, ours in names.items(): sd[f'model.layers.{i}.{hf_name}.weight'] = b.get_submodule(ours).weight
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=not c.tie_embeddings)
+    return hf.to(device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
 
 # %% ../nbs/05_lm.ipynb #3409b5c1
 class ByteTokenizer:

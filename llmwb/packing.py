@@ -12,8 +12,8 @@ from .core import ConfigError
 # %% auto #0
 __all__ = ['VARLEN_IMPLS', 'PACKED_SDPA', 'bfd_bins', 'PackingStats', 'pack_dataset', 'seq_lengths_from_boundaries',
            'PackedCollator', 'segment_ids', 'block_causal_mask', 'packed_attention_mask', 'is_packed', 'segment_runs',
-           'varlen_sdpa_attention', 'enable_packed_attention', 'disable_packed_attention', 'contamination_gap',
-           'padding_efficiency', 'long_tailed_lengths']
+           'varlen_sdpa_attention', 'flex_available', 'document_mask', 'enable_packed_attention',
+           'disable_packed_attention', 'contamination_gap', 'padding_efficiency', 'long_tailed_lengths']
 
 # %% ../nbs/02_packing.ipynb #b90fa1f1
 def bfd_bins(lengths,            # the length of every item
@@ -185,12 +185,15 @@ def segment_runs(seg:torch.Tensor) -> list[list[tuple[int, int]]]:
     for b, i in change: cuts[b].append(i + 1)
     return [list(zip(c, c[1:] + [L])) for c in cuts]
 
-def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout:float=0.0, scaling=None, llmwb_segments=None, **kwargs):
-    "transformers' sdpa attention, computed example by example when the batch is packed (`llmwb_segments`)."
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout:float=0.0, scaling=None, llmwb_segments=None,
+                          llmwb_block_mask=None, llmwb_seg=None, **kwargs):
+    "transformers' sdpa attention; on a packed batch, attention inside each example: flex_attention with a document mask, else sdpa per example."
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    gqa = key.shape[1] != query.shape[1]
+    if llmwb_block_mask is not None and not dropout: return _flex_attention(query, key, value, llmwb_block_mask, scaling), None
+    if llmwb_segments is None and llmwb_seg is not None: llmwb_segments = segment_runs(llmwb_seg)   # dropout: flex has none
     if llmwb_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    gqa = key.shape[1] != query.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = [torch.cat([sdpa(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout, scale=scaling,
                             is_causal=True, enable_gqa=gqa) for s, e in runs], dim=2) for b, runs in enumerate(llmwb_segments)]
@@ -201,6 +204,43 @@ def _register_varlen():
     from transformers.masking_utils import sdpa_mask
     AttentionInterface.register(PACKED_SDPA, varlen_sdpa_attention)
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+# %% ../nbs/02_packing.ipynb #flexcd01
+import functools
+
+def flex_available() -> bool:
+    "Whether this torch has flex_attention (2.5 and later)."
+    try: from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+    except ImportError: return False
+    return True
+
+def document_mask(seg:torch.Tensor,      # segment ids [batch, seq] (-1 on padding), from `segment_ids`
+                  compile:bool|None=None  # build the mask with a compiled kernel (None: on CUDA)
+                 ):
+    "flex_attention's BlockMask: causal within each piece, nothing across pieces, a padding slot sees only itself."
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, L = seg.shape
+    def mask_mod(b, h, q, kv): return ((seg[b, q] == seg[b, kv]) & (kv <= q) & (seg[b, q] >= 0)) | (q == kv)
+    return create_block_mask(mask_mod, B, None, L, L, device=seg.device, _compile=seg.is_cuda if compile is None else compile)
+
+@functools.cache
+def _flex_kernel(device_type:str):
+    "flex_attention, compiled on CUDA (a fused Triton kernel), as it is elsewhere (a slow reference, for tests)."
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if device_type == 'cuda' else flex_attention
+
+def _flex_attention(query, key, value, block_mask, scaling=None) -> torch.Tensor:
+    "flex_attention on [batch, heads, seq, dim] inputs (in the autocast dtype, like sdpa), as [batch, seq, heads, dim]."
+    dev = query.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else value.dtype   # rotary embeddings leave q, k in fp32
+    query, key, value = (t.to(dt) for t in (query, key, value))
+    hq, hkv = query.shape[1], key.shape[1]
+    gqa = hq != hkv
+    if gqa and hq & (hq - 1):      # the kernel's grouped heads want a power of two (as in transformers' flex path): repeat instead
+        key, value = (t.repeat_interleave(hq // hkv, dim=1) for t in (key, value)); gqa = False
+    from torch.nn.attention.flex_attention import flex_attention
+    kernel = flex_attention if torch.compiler.is_compiling() else _flex_kernel(dev)   # inside a compiled model, dynamo handles it
+    return kernel(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa).transpose(1, 2).contiguous()
 
 # %% ../nbs/02_packing.ipynb #ffbc8a51
 def _inner_lm(model):
@@ -223,13 +263,16 @@ def _passes_kwargs(m) -> bool:
     import inspect
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(m.forward).parameters.values())
 
-def enable_packed_attention(model, varlen:bool=True  # on sdpa, compute attention per example (False: the block mask)
+def enable_packed_attention(model,
+                            varlen:bool=True,       # on sdpa, compute attention per example (False: the block mask)
+                            flex:bool|None=None     # varlen through flex_attention's fused kernel (None: on CUDA, where torch has it)
                            ) -> torch.nn.Module:
     "Make `model` keep attention inside each packed example on any backend; returns the module the hook sits on."
     inner, bb = _backbone(model)
     if getattr(bb, '_llmwb_packed_hook', None) is not None: return bb
     if varlen and inner.config._attn_implementation == 'sdpa' and _passes_kwargs(bb):
         _register_varlen(); inner.set_attn_implementation(PACKED_SDPA)
+    bb._llmwb_flex = flex
     def hook(mod, args, kwargs):
         pos, am = kwargs.get('position_ids'), kwargs.get('attention_mask')
         if pos is None or kwargs.get('past_key_values') is not None or (am is not None and am.ndim != 2): return None
@@ -237,9 +280,13 @@ def enable_packed_attention(model, varlen:bool=True  # on sdpa, compute attentio
         seg = segment_ids(pos, am)
         if not (seg.amax(-1) > 0).any(): return None        # one sequence per row: nothing to keep apart
         impl = mod.config._attn_implementation
-        if impl == PACKED_SDPA: return args, {**kwargs, 'position_ids': pos, 'llmwb_segments': segment_runs(seg)}
+        if impl == PACKED_SDPA:
+            use_flex = mod._llmwb_flex if mod._llmwb_flex is not None else (seg.is_cuda and flex_available())
+            if use_flex: return args, {**kwargs, 'position_ids': pos, 'llmwb_block_mask': document_mask(seg), 'llmwb_seg': seg}
+            return args, {**kwargs, 'position_ids': pos, 'llmwb_segments': segment_runs(seg)}
         dt = next((p.dtype for p in mod.parameters() if p.is_floating_point()), torch.float32)
-        return args, {**kwargs, 'attention_mask': packed_attention_mask(pos, am, impl, dt), 'position_ids': pos}
+        # FlashAttention and transformers' flex_attention find the boundaries in position_ids only with no mask and no cache
+        return args, {**kwargs, 'attention_mask': packed_attention_mask(pos, am, impl, dt), 'position_ids': pos, 'use_cache': False}
     bb._llmwb_packed_hook = bb.register_forward_pre_hook(hook, with_kwargs=True)
     return bb
 

@@ -451,7 +451,9 @@ def train_sft(job:SFTJob,        # the job to run
         else:
             if packed:
                 enable_packed_attention(model)
-                data = dict(train_dataset=packed[0], eval_dataset=packed[1], data_collator=PackedCollator(lm.tokenizer.pad_token_id))
+                # on CUDA every batch has the row length: the compiled flex_attention kernel is then built once
+                pad_to = job.max_length if device.type == 'cuda' else None
+                data = dict(train_dataset=packed[0], eval_dataset=packed[1], data_collator=PackedCollator(lm.tokenizer.pad_token_id, pad_to=pad_to))
             else: data = dict(train_dataset=train_ds.select_columns(['prompt', 'completion']), eval_dataset=held_ds.select_columns(['prompt', 'completion']))
             trainer = CompletionSFTTrainer(model=model, args=SFTConfig(**common, max_length=None if packed else job.max_length, completion_only_loss=True),
                                            processing_class=lm.tokenizer, callbacks=cbs, **data)
