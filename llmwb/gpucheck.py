@@ -17,9 +17,9 @@ import torch.nn.functional as F
 __all__ = ['FULL', 'TINY', 'PARTS', 'CARRY', 'BNB_VERSION', 'PLATFORMS', 'Sizes', 'sync', 'autocast', 'peak_bf16_flops',
            'StepTimer', 'environment', 'check_packed_logits', 'check_linear_cross_entropy', 'check_lm_vs_llama',
            'qwen_like', 'sft_rows_of_text', 'bench_packing', 'bench_sft', 'bench_grpo', 'bench_lm', 'run_check',
-           'results_table', 'wheel_specs', 'download_wheels', 'main']
+           'results_table', 'wheel_specs', 'download_wheels', 'with_sizes', 'main']
 
-# %% ../nbs/13_gpucheck.ipynb #fe1e9f51
+# %% ../nbs/13_gpucheck.ipynb #82dd41f1
 @dataclass(frozen=True)
 class Sizes:
     "The dimensions of every part of the check."
@@ -29,20 +29,21 @@ class Sizes:
     hidden: int = 896; layers: int = 24; heads: int = 14; kv_heads: int = 2; intermediate: int = 4864; vocab: int = 151936
     sft_rows: int = 8            # packed rows a step
     row_len: int = 2048          # tokens a packed row
-    sft_steps: int = 12          # timed optimizer steps (after sft_warmup)
-    sft_warmup: int = 3
+    sft_steps: int = 8           # timed optimizer steps (after sft_warmup)
+    sft_warmup: int = 2
     grpo_completions: int = 64   # completions a step
     grpo_group: int = 8          # completions a prompt
     grpo_len: int = 128          # tokens a completion
-    grpo_steps: int = 3          # timed steps (after one warmup step)
+    grpo_steps: int = 2          # timed steps (after one warmup step)
     lm_d_models: tuple = (1024, 2048)  # widths of the from-scratch models (head size 128)
     lm_layers: int = 4
     lm_vocab: int = 32000
     lm_len: int = 2048
     lm_batch: int = 8
-    lm_steps: int = 10           # timed steps (after lm_warmup)
-    lm_warmup: int = 3
+    lm_steps: int = 6            # timed steps (after lm_warmup, which includes compiling)
+    lm_warmup: int = 2
     compile: bool = True         # also measure torch.compile
+    sft_modes: tuple = ('full', 'lora', 'qlora')  # SFT measurements (QLoRA needs CUDA and bitsandbytes)
     peak_n: int = 8192           # side of the square matmuls that measure the peak rate
     tiny_model: int = 64         # hidden size of the correctness models
 
@@ -51,7 +52,7 @@ TINY = Sizes('tiny', 'fp32', hidden=64, layers=2, heads=4, kv_heads=2, intermedi
              sft_steps=2, sft_warmup=1, grpo_completions=8, grpo_group=4, grpo_len=8, grpo_steps=1, lm_d_models=(128,), lm_layers=2,
              lm_vocab=512, lm_len=128, lm_batch=2, lm_steps=2, lm_warmup=1, compile=False, peak_n=256)
 
-# %% ../nbs/13_gpucheck.ipynb #037b33be
+# %% ../nbs/13_gpucheck.ipynb #ece506fc
 def sync(device):
     "Wait for `device`'s queued work (a no-op off CUDA)."
     if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
@@ -61,6 +62,11 @@ def autocast(device, dtype:str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == 'bf16' else contextlib.nullcontext()
 
 def _median(xs): return statistics.median(xs) if xs else float('nan')
+
+def _free(dev):
+    "Give back what the last part held (Python objects, then cached GPU memory)."
+    gc.collect()
+    if torch.device(dev).type == 'cuda': torch.cuda.empty_cache()
 
 def peak_bf16_flops(device, n:int, reps:int=5) -> float:
     "The best bf16 (fp32 off CUDA) FLOP/s of `reps` n x n matmuls on `device`, after warmup."
@@ -206,9 +212,9 @@ def check_lm_vs_llama(device, dtype:str='bf16', d:int=256, layers:int=2, vocab:i
     res['ok'] = res['logits_max_abs_diff'] < tol * max(1.0, res['logits_scale']) and abs(res['loss'] - res['loss_hf']) < tol
     return res
 
-# %% ../nbs/13_gpucheck.ipynb #893f9876
-def qwen_like(s:Sizes, folder) -> Path:
-    "A randomly initialised Qwen2-architecture model of `s`'s shape, saved with llmwb's GPT-2 tokenizer into `folder`."
+# %% ../nbs/13_gpucheck.ipynb #9781121c
+def qwen_like(s:Sizes, folder, device='cpu') -> Path:
+    "A randomly initialised Qwen2-architecture model of `s`'s shape (initialised on `device`), saved with llmwb's GPT-2 tokenizer into `folder`."
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from llmwb.models import gpt2_tokenizer
     folder = Path(folder)
@@ -217,7 +223,9 @@ def qwen_like(s:Sizes, folder) -> Path:
                       num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, max_position_embeddings=32768, rope_theta=1e6,
                       rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    with torch.device(device): model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(folder)
+    del model; _free(device)
     gpt2_tokenizer(32768).save_pretrained(folder)
     return folder
 
@@ -238,7 +246,7 @@ def sft_rows_of_text(n:int, seed:int=0, lo:int=20, hi:int=500) -> list[dict]:
         out.append({'prompt': ' '.join(words[:k]) + '\nAnswer:', 'completion': ' ' + ' '.join(words[k:])})
     return out
 
-# %% ../nbs/13_gpucheck.ipynb #5a3b5860
+# %% ../nbs/13_gpucheck.ipynb #c2b677b9
 def bench_packing(s:Sizes, device, folder) -> dict:
     "Real tokens/s of forward+backward on the same examples: packed (flex), packed (per-example sdpa), padded."
     from transformers import AutoModelForCausalLM
@@ -284,11 +292,7 @@ def bench_packing(s:Sizes, device, folder) -> dict:
     del model; _free(dev)
     return out
 
-def _free(dev):
-    gc.collect()
-    if torch.device(dev).type == 'cuda': torch.cuda.empty_cache()
-
-# %% ../nbs/13_gpucheck.ipynb #aea1d709
+# %% ../nbs/13_gpucheck.ipynb #e375fb2e
 def _sft_data(s:Sizes, work:Path) -> tuple[Path, list[dict]]:
     "A dataset folder (train.jsonl, test.jsonl) with enough rows for every timed step, and the training rows."
     need = s.sft_rows * s.row_len * (s.sft_warmup + s.sft_steps)
@@ -335,7 +339,7 @@ def _trl_sft(s:Sizes, device, folder, rows, mode:str, lr:float, work:Path) -> di
     del tr, model; _free(dev)
     return out
 
-def bench_sft(s:Sizes, device, folder, work, modes=('full', 'lora', 'qlora')) -> dict:
+def bench_sft(s:Sizes, device, folder, work, modes=('full', 'lora', 'qlora'), deadline:float=math.inf) -> dict:
     "Per mode: tokens/s, peak memory and final loss of llmwb's SFT job and of stock TRL on the same data, and their ratio."
     from llmwb.sft import SFTJob, train_sft
     work = Path(work)
@@ -343,6 +347,7 @@ def bench_sft(s:Sizes, device, folder, work, modes=('full', 'lora', 'qlora')) ->
     out = {'rows_per_step': s.sft_rows, 'row_len': s.row_len, 'timed_steps': s.sft_steps}
     for mode in modes:
         if mode == 'qlora' and (why := _bnb_ok(device)): out[mode] = {'skipped': why}; continue
+        if time.time() > deadline - 40: out[mode] = {'skipped': 'out of time (the budget)'}; continue
         lr = 1e-4 if mode == 'full' else 2e-4
         timer = StepTimer(device)
         job = SFTJob(model=str(folder), dataset=str(data), packing=True, max_length=s.row_len, batch_size=s.sft_rows,
@@ -357,7 +362,7 @@ def bench_sft(s:Sizes, device, folder, work, modes=('full', 'lora', 'qlora')) ->
                      'speedup': ours['tokens_per_s'] / theirs['tokens_per_s'] if ours['tokens_per_s'] and theirs['tokens_per_s'] else None}
     return out
 
-# %% ../nbs/13_gpucheck.ipynb #26acb895
+# %% ../nbs/13_gpucheck.ipynb #5b70abab
 def bench_grpo(s:Sizes, device, folder, work) -> dict:
     "Seconds per GRPO step of llmwb's job and of stock TRL GRPOTrainer, same model, prompts, reward and sizes."
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -373,7 +378,8 @@ def bench_grpo(s:Sizes, device, folder, work) -> dict:
                   name='gpucheck_grpo')
     res = train_grpo(job, quiet=True, callbacks=[timer])
     recs = [json.loads(l) for l in (res.run_dir/'metrics.jsonl').read_text().splitlines()]
-    ours = {'s_per_step': _median(timer.times[1:]), 'completion_len': next((r['completions/mean_length'] for r in reversed(recs) if 'completions/mean_length' in r), None)}
+    ours = {'s_per_step': _median(timer.times[1:]), 'step_times': timer.times,
+            'completion_len': next((r['completions/mean_length'] for r in reversed(recs) if 'completions/mean_length' in r), None)}
     _free(dev)
     td = load_task('sample-arithmetic', mode='rl', max_train=n_prompts, max_eval=1, seed=0)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation='sdpa').to(dev)
@@ -386,13 +392,13 @@ def bench_grpo(s:Sizes, device, folder, work) -> dict:
     tr.remove_callback(PrinterCallback)
     tr.train()
     lengths = [h['completions/mean_length'] for h in tr.state.log_history if 'completions/mean_length' in h]
-    theirs = {'s_per_step': _median(timer.times[1:]), 'completion_len': lengths[-1] if lengths else None}
+    theirs = {'s_per_step': _median(timer.times[1:]), 'step_times': timer.times, 'completion_len': lengths[-1] if lengths else None}
     del tr, model; _free(dev)
     return {'completions_per_step': s.grpo_completions, 'group': s.grpo_group, 'max_completion_length': s.grpo_len, 'timed_steps': s.grpo_steps,
             'llmwb': ours, 'trl': theirs, 'speedup': theirs['s_per_step'] / ours['s_per_step']}
 
-# %% ../nbs/13_gpucheck.ipynb #11c82183
-def bench_lm(s:Sizes, device) -> dict:
+# %% ../nbs/13_gpucheck.ipynb #a0b5e01f
+def bench_lm(s:Sizes, device, deadline:float=math.inf) -> dict:
     "Training tokens/s and MFU of TransformerLM and HF Llama with equal weights, per width, eager and compiled."
     from llmwb.lm import LMConfig, TransformerLM, to_llama
     from llmwb.loop import make_optimizer
@@ -402,41 +408,45 @@ def bench_lm(s:Sizes, device) -> dict:
     tokens = torch.randint(0, s.lm_vocab, (s.lm_batch, s.lm_len + 1), generator=g)
     x, y = tokens[:, :-1].contiguous().to(dev), tokens[:, 1:].contiguous().to(dev)
     out = {'peak_flops': peak, 'batch': s.lm_batch, 'seq': s.lm_len, 'vocab': s.lm_vocab, 'layers': s.lm_layers, 'sizes': {}}
-    for d in s.lm_d_models:
+    def measure(name, model, compiled):
+        m = torch.compile(model) if compiled else model
+        opt = make_optimizer(model, 3e-4, 0.1)
+        def step():
+            with autocast(dev, s.dtype): loss = m(x, y)[1] if name == 'llmwb' else m(input_ids=x, labels=y, shift_labels=y).loss
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            return loss
+        sync(dev); t0 = time.perf_counter()
+        for _ in range(s.lm_warmup): step()
+        sync(dev); warm = time.perf_counter() - t0
+        ts = []
+        for _ in range(s.lm_steps):
+            sync(dev); t0 = time.perf_counter(); loss = step(); sync(dev); ts.append(time.perf_counter() - t0)
+        return {'tokens_per_s': s.lm_batch * s.lm_len / _median(ts), 'warmup_s': warm, 'loss': float(loss)}
+    plan = [(d, c) for c in ((False, True) if s.compile else (False,)) for d in s.lm_d_models]   # eager first, then compiled
+    for d, compiled in plan:
+        k = '_compiled' if compiled else ''
+        e = out['sizes'].setdefault(str(d), {})
+        if compiled and time.time() > deadline - 60: e['skipped_compiled'] = 'out of time (the budget)'; continue
         torch.manual_seed(0)
         ours = TransformerLM(LMConfig(vocab_size=s.lm_vocab, context_length=s.lm_len, d_model=d, num_layers=s.lm_layers,
                                       num_heads=max(1, d // 128))).to(dev).train()
         hf = to_llama(ours).train()
         fpt = ours.flops_per_token(s.lm_len)
-        entry = {'params': ours.num_params(), 'flops_per_token': fpt}
-        for compiled in ((False, True) if s.compile else (False,)):
-            for name, model in (('llmwb', ours), ('hf', hf)):
-                m = torch.compile(model) if compiled else model
-                opt = make_optimizer(model, 3e-4, 0.1)
-                def step():
-                    with autocast(dev, s.dtype): loss = m(x, y)[1] if name == 'llmwb' else m(input_ids=x, labels=y, shift_labels=y).loss
-                    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-                    return loss
-                sync(dev); t0 = time.perf_counter()
-                for _ in range(s.lm_warmup): step()
-                sync(dev); warm = time.perf_counter() - t0
-                ts = []
-                for _ in range(s.lm_steps):
-                    sync(dev); t0 = time.perf_counter(); loss = step(); sync(dev); ts.append(time.perf_counter() - t0)
-                tps = s.lm_batch * s.lm_len / _median(ts)
-                entry[f"{name}{'_compiled' if compiled else ''}"] = {'tokens_per_s': tps, 'mfu': fpt * tps / peak, 'warmup_s': warm, 'loss': float(loss)}
-                del opt, m; _free(dev)
-            k = '_compiled' if compiled else ''
-            entry[f'speedup{k}'] = entry[f'llmwb{k}']['tokens_per_s'] / entry[f'hf{k}']['tokens_per_s']
-        out['sizes'][str(d)] = entry
+        e.update(params=ours.num_params(), flops_per_token=fpt)
+        for name, model in (('llmwb', ours), ('hf', hf)):
+            try: r = measure(name, model, compiled); r['mfu'] = fpt * r['tokens_per_s'] / peak
+            except Exception as ex: r = {'error': f'{type(ex).__name__}: {ex}'[:500]}
+            e[name + k] = r
+            _free(dev)
+        if 'tokens_per_s' in e[f'llmwb{k}'] and 'tokens_per_s' in e[f'hf{k}']: e[f'speedup{k}'] = e[f'llmwb{k}']['tokens_per_s'] / e[f'hf{k}']['tokens_per_s']
         del ours, hf; _free(dev)
     return out
 
-# %% ../nbs/13_gpucheck.ipynb #5446bc2b
+# %% ../nbs/13_gpucheck.ipynb #e31af092
 PARTS = ('environment', 'correctness', 'packing', 'sft', 'grpo', 'lm')
-_MIN_S = {'environment': 0, 'correctness': 10, 'packing': 30, 'sft': 90, 'grpo': 60, 'lm': 60}   # about what each part needs on one H200
+_MIN_S = {'environment': 0, 'correctness': 10, 'packing': 30, 'sft': 60, 'grpo': 45, 'lm': 20}   # about what each part needs on one H200
 
-def _part(name:str, s:Sizes, device, folder, work) -> dict:
+def _part(name:str, s:Sizes, device, folder, work, deadline:float=math.inf) -> dict:
     if name == 'environment': return environment(device, s.dtype)
     if name == 'correctness':
         r = {'packed_logits': check_packed_logits(device, s.dtype, s.tiny_model),
@@ -445,9 +455,9 @@ def _part(name:str, s:Sizes, device, folder, work) -> dict:
         r['ok'] = all(v['ok'] for v in r.values())
         return r
     if name == 'packing': return bench_packing(s, device, folder)
-    if name == 'sft': return bench_sft(s, device, folder, work)
+    if name == 'sft': return bench_sft(s, device, folder, work, s.sft_modes, deadline)
     if name == 'grpo': return bench_grpo(s, device, folder, work)
-    if name == 'lm': return bench_lm(s, device)
+    if name == 'lm': return bench_lm(s, device, deadline)
     raise ValueError(f'unknown part {name!r}')
 
 def run_check(out,                        # folder for results.json, results.md (and log.txt, from main)
@@ -465,14 +475,14 @@ def run_check(out,                        # folder for results.json, results.md 
         old_runs = os.environ.get('LLMWB_RUNS_DIR')
         os.environ['LLMWB_RUNS_DIR'] = str(work/'runs')
         try:
-            folder = qwen_like(s, work/'model') if set(parts) & {'packing', 'sft', 'grpo'} else None
+            folder = qwen_like(s, work/'model', device) if set(parts) & {'packing', 'sft', 'grpo'} else None
             for name in parts:
                 left = budget_s - (time.time() - t_start)
                 if left < _MIN_S.get(name, 0):
                     res['parts'][name] = {'skipped': f'{left:.0f} s of the {budget_s:.0f} s budget left; it needs about {_MIN_S[name]} s'}
                     log(f'[{name}] skipped: {res["parts"][name]["skipped"]}'); continue
                 log(f'[{name}] ...'); t0 = time.time()
-                try: r = {'ok': True} | _part(name, s, device, folder, work)
+                try: r = {'ok': True} | _part(name, s, device, folder, work, t_start + budget_s)
                 except Exception as e:
                     r = {'ok': False, 'error': f'{type(e).__name__}: {e}'[:2000], 'traceback': traceback.format_exc()[-6000:]}
                     log(r['traceback'])
@@ -488,7 +498,7 @@ def run_check(out,                        # folder for results.json, results.md 
             else: os.environ['LLMWB_RUNS_DIR'] = old_runs
     return res
 
-# %% ../nbs/13_gpucheck.ipynb #e8244131
+# %% ../nbs/13_gpucheck.ipynb #5b147400
 def _f(v, fmt='{:,.0f}'):
     return '–' if v is None or (isinstance(v, float) and v != v) else fmt.format(v)
 
@@ -548,11 +558,13 @@ def _t_grpo(r, s):
 
 def _t_lm(r, s):
     out = [f"| from-scratch LM, {r['layers']} layers, batch {r['batch']} x {r['seq']}, vocab {r['vocab']:,} | llmwb tokens/s (MFU) | HF Llama tokens/s (MFU) | llmwb / HF |", '|---|---|---|---|']
+    cell = lambda a: f"{_f(a['tokens_per_s'])} ({a['mfu']:.0%})" if 'tokens_per_s' in a else f"failed: `{a.get('error', '?')[:120]}`"
     for d, e in r['sizes'].items():
         for k, lab in (('', 'eager'), ('_compiled', 'torch.compile')):
-            if f'llmwb{k}' not in e: continue
-            a, b = e[f'llmwb{k}'], e[f'hf{k}']
-            out.append(f"| d_model {d} ({e['params'] / 1e6:.0f}M), {lab} | {_f(a['tokens_per_s'])} ({a['mfu']:.0%}) | {_f(b['tokens_per_s'])} ({b['mfu']:.0%}) | {e[f'speedup{k}']:.2f}x |")
+            if f'llmwb{k}' not in e:
+                if k and 'skipped_compiled' in e: out.append(f"| d_model {d}, {lab} | skipped: {e['skipped_compiled']} | | |")
+                continue
+            out.append(f"| d_model {d} ({e['params'] / 1e6:.0f}M), {lab} | {cell(e[f'llmwb{k}'])} | {cell(e[f'hf{k}'])} | {_f(e.get(f'speedup{k}'), '{:.2f}x')} |")
     out.append(f"\nMFU against the bf16 matmul rate measured here: {r['peak_flops'] / 1e12:,.0f} TFLOP/s.")
     return out
 
@@ -578,7 +590,21 @@ def download_wheels(dest, python:str='3.12') -> dict:
     files = sorted(dest.glob('*.whl'))
     return {'files': [f.name for f in files], 'bytes': sum(f.stat().st_size for f in files)}
 
-# %% ../nbs/13_gpucheck.ipynb #acb4185e
+# %% ../nbs/13_gpucheck.ipynb #d8c3bdc9
+def with_sizes(s:Sizes, changes:list[str]) -> Sizes:
+    "`s` with `FIELD=VALUE` changes applied (tuples as comma-separated values)."
+    from dataclasses import fields
+    types = {f.name: type(getattr(s, f.name)) for f in fields(s)}
+    kw = {}
+    for c in changes:
+        k, sep, v = c.partition('=')
+        if not sep or k not in types: raise ValueError(f"--set {c!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        t = types[k]
+        if t is tuple: kw[k] = tuple(int(x) if x.strip().lstrip('-').isdigit() else x.strip() for x in v.split(','))
+        elif t is bool: kw[k] = v.lower() in ('1', 'true', 'yes')
+        else: kw[k] = t(v)
+    return replace(s, **kw)
+
 class _Tee:
     "Write to a stream and a log file."
     def __init__(self, stream, f): self.stream, self.f = stream, f
@@ -603,17 +629,21 @@ def main(argv:list[str]|None=None):
     p.add_argument('--device', default='cuda', help='cuda (default), cuda:N or cpu')
     p.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS, help='parts to run, in order')
     p.add_argument('--budget', type=float, default=450.0, help='seconds: a part that would not fit in what is left is skipped')
+    p.add_argument('--set', nargs='+', default=[], metavar='FIELD=VALUE', help='change sizes, e.g. grpo_steps=4 sft_modes=full,lora')
     a = p.parse_args(argv)
+    s = TINY if a.tiny else FULL
+    try: s = with_sizes(s, a.set)
+    except (ValueError, TypeError) as e: p.error(str(e))
     if a.device.startswith('cuda') and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device here (use --tiny --device cpu on a CPU).")
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     with open(out/'log.txt', 'a') as f:
         sys.stdout, sys.stderr = _Tee(sys.__stdout__, f), _Tee(sys.__stderr__, f)
         try:
-            res = run_check(out, TINY if a.tiny else FULL, a.device, tuple(a.parts), a.budget)
+            res = run_check(out, s, a.device, tuple(a.parts), a.budget)
             print((out/'results.md').read_text())
         finally: sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     return 0 if all(v.get('ok') for v in res['parts'].values() if 'skipped' not in v) else 1
 
-# %% ../nbs/13_gpucheck.ipynb #9f0c2391
+# %% ../nbs/13_gpucheck.ipynb #f1d412e7
 if __name__ == '__main__' and not getattr(__import__('builtins'), '__IPYTHON__', False): sys.exit(main())
