@@ -38,9 +38,11 @@ def untouched(d:Path, extra=()) -> bool:
     return (names == sorted(['keep.txt', 'sub', *extra]) and (d/'keep.txt').read_text() == 'precious'
             and (d/'keep.txt').stat().st_mode & 0o777 == 0o666 and (d/'sub'/'inner.txt').read_text() == 'inner')
 
-def attack(body:str, fn:str=WRONG) -> str:
-    "A completion: the attack at import time, then a wrong solution (its score must be 0 whatever the attack did)."
-    return textwrap.dedent(body) + '\n' + fn
+def attack(body:str, fn:str=WRONG, guard:bool=False, **names) -> str:
+    "A completion: `names` bound, the attack at import time (with `guard`, its exceptions printed, not raised), then a wrong solution."
+    body = textwrap.dedent(body)
+    if guard: body = 'try:\n' + textwrap.indent(body, '    ') + "\nexcept Exception as e: print('refused', type(e).__name__, e)"
+    return ''.join(f'{k} = {v!r}\n' for k, v in names.items()) + body + '\n' + fn
 
 def test_honest_solutions():
     "Correct solutions score 1, numpy, pandas, matplotlib and unittest.mock included; wrong ones 0."
@@ -82,7 +84,7 @@ WRITES = {
 
 @pytest.mark.parametrize('route', sorted(WRITES))
 def test_writes_and_removals_stay_inside(route, target):
-    code = attack(f"T = {str(target)!r}\ntry:\n" + textwrap.indent(WRITES[route], '    ') + "\nexcept Exception as e: print('refused', type(e).__name__, e)\n")
+    code = attack(WRITES[route], guard=True, T=str(target))
     assert score(code) == 0.0
     assert untouched(target)
 
@@ -108,7 +110,7 @@ PROCS = {
 @pytest.mark.parametrize('route', sorted(PROCS))
 def test_processes_stay_inside_and_die(route, target):
     token = f'llmwb-token-{route}-{os.getpid()}'
-    code = attack(f"T, TOKEN = {str(target)!r}, {token!r}\ntry:\n" + textwrap.indent(PROCS[route], '    ') + "\nexcept Exception as e: print('refused', type(e).__name__, e)\n")
+    code = attack(PROCS[route], guard=True, T=str(target), TOKEN=token)
     assert score(code, timeout=10) == 0.0
     assert untouched(target)
     assert host_processes(token) == []
@@ -145,7 +147,7 @@ NETWORK = {
 @pytest.mark.parametrize('route', sorted(NETWORK))
 def test_no_network(route, servers):
     s = {k: v for k, v in servers.items() if k != 'got'}
-    code = attack(f"S = {s!r}\ntry:\n" + textwrap.indent(NETWORK[route], '    ') + "\n    print('CONNECTED')\nexcept Exception as e: print('refused', type(e).__name__, e)\n")
+    code = attack(NETWORK[route] + "\nprint('CONNECTED')", guard=True, S=s)
     r = run_sandboxed(code, TESTS)
     time.sleep(0.5)
     assert not r.ok and servers['got'] == []
@@ -176,7 +178,7 @@ __attribute__((constructor)) static void evil(void) {{
         blob = (tmp_path/'evil.so').read_bytes()
         cases.append(f"import ctypes\nopen('/tmp/evil.so', 'wb').write({blob!r})\nctypes.CDLL('/tmp/evil.so')")
     for body in cases:
-        r = run_sandboxed(attack("try:\n" + textwrap.indent(body, '    ') + "\nexcept Exception as e: print('refused', type(e).__name__, e)\n"), TESTS)
+        r = run_sandboxed(attack(body, guard=True), TESTS)
         assert not r.ok, body
         assert untouched(target), body
     time.sleep(0.5)
@@ -195,8 +197,7 @@ def test_runner_and_limits_tampering():
         'prlimit_supervisor': "import resource, os\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))",
     }
     for name, body in hacks.items():
-        code = attack("try:\n" + textwrap.indent(body, '    ') + "\nexcept Exception as e: print('refused', type(e).__name__, e)\n")
-        assert score(code) == 0.0, name
+        assert score(attack(body, guard=True)) == 0.0, name
     # a correct solution that also raises its CPU limit still ends at the limit when it loops
     r = run_sandboxed(GOOD + "\nimport resource\ntry: resource.setrlimit(resource.RLIMIT_CPU, (100, 100))\nexcept Exception as e: print(e)\nwhile True: pass\n",
                       TESTS, cpu_seconds=1, timeout=20)
@@ -345,3 +346,18 @@ def test_grpo_refuses_run_tests_without_bubblewrap(runs_dir, mirror, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert 'bubblewrap' in r.stderr and 'apt-get install bubblewrap' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-3000:]
     assert not list(runs_dir.iterdir())
+
+def test_nothing_of_the_host_is_visible(runs_dir, cache_dir, tmp_path):
+    "The project, $HOME (but the path to an interpreter inside it), run folders, caches and the host /tmp are not there."
+    from conftest import ROOT
+    from llmwb.sandbox import python_roots
+    (tmp_path/'host-file').write_text('x'); cache_dir.mkdir(parents=True, exist_ok=True)
+    home = Path.home()
+    places = [str(ROOT), str(ROOT/'llmwb'), str(runs_dir), str(cache_dir), str(tmp_path/'host-file')]
+    r = run_sandboxed(f"import os, json\nh = {str(home)!r}\nprint(json.dumps([[p for p in {places!r} if os.path.exists(p)], "
+                      "os.listdir(h) if os.path.isdir(h) else [], os.listdir('/tmp'), sorted(os.environ)]))")
+    assert r.ok, r
+    seen, home_listing, tmp_listing, env = json.loads(r.output)
+    on_the_way = {Path(p).relative_to(home).parts[0] for p in python_roots() if Path(p).is_relative_to(home)}
+    assert seen == [] and set(home_listing) <= on_the_way and not any(n.startswith('pytest') for n in tmp_listing), r.output
+    assert os.environ.get('LLMWB_RUNS_DIR') and 'LLMWB_RUNS_DIR' not in env, env
