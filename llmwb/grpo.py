@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_grpo.ipynb #eb689c87
 from __future__ import annotations
-import os, re, ast, sys, json
+import re, json
 from pathlib import Path
 
 from .core import ConfigError
@@ -72,7 +72,7 @@ def classification_reward(completions, label=None, source=None, label_names=None
     return out
 
 # %% ../nbs/08_grpo.ipynb #e56f8218
-from .sandbox import extract_code, defines, score_code
+from .sandbox import score_code
 
 def code_reward(completions, entry_point=None, test=None,
                 run_tests:bool=False,         # run each row's tests against its completion in the sandbox

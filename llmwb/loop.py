@@ -19,8 +19,8 @@ from .lm import LMConfig, TransformerLM, load_tokens, check_token_ids, get_batch
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'CKPT_FILES', 'LMJob', 'suggest_run_name', 'lr_at', 'make_optimizer', 'save_checkpoint',
            'CheckpointError', 'checkpoint_problem', 'list_checkpoints', 'prune_checkpoints', 'load_checkpoint',
-           'find_resume', 'corpus_token_file', 'prepare_data', 'evaluate', 'progress_line', 'train_lm', 'generate_text',
-           'weights_equal']
+           'find_resume', 'corpus_token_file', 'prepare_data', 'autocast', 'evaluate', 'progress_line', 'train_lm',
+           'generate_text', 'weights_equal']
 
 # %% ../nbs/06_loop.ipynb #4b03d1e1
 MODEL_FIELDS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta', 'tie_embeddings')
@@ -343,9 +343,10 @@ def prepare_data(job:LMJob, progress:bool=True) -> tuple[_Split, _Split, dict]:
                             tokenizer=meta.get('tokenizer'), eos_id=meta.get('eos_id'))
 
 # %% ../nbs/06_loop.ipynb #1ba1cb42
-def _autocast(device:torch.device, dtype:str):
+def autocast(device, dtype:str):
+    "bf16 autocast on `device` (a torch.device or its name), or nothing for fp32."
     if dtype == 'fp32': return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 @torch.no_grad()
 def evaluate(model, batches, device, dtype:str='fp32') -> float:
@@ -353,7 +354,7 @@ def evaluate(model, batches, device, dtype:str='fp32') -> float:
     was = model.training; model.eval()
     tot = 0.0
     for x, y in batches:
-        with _autocast(device, dtype): tot += model(x.to(device), y.to(device))[1].item()
+        with autocast(device, dtype): tot += model(x.to(device), y.to(device))[1].item()
     model.train(was)
     return tot / max(len(batches), 1)
 
@@ -453,7 +454,7 @@ def train_lm(job:LMJob,                # the job
         loss_sum = 0.0
         for _ in range(job.grad_accum):
             x, y = get_batch(train, job.batch_size, job.context_length, device, gen)
-            with _autocast(device, job.dtype): loss = cmodel(x, y)[1] / job.grad_accum
+            with autocast(device, job.dtype): loss = cmodel(x, y)[1] / job.grad_accum
             loss.backward(); loss_sum += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.gradient_clip_val if job.gradient_clip_val > 0 else float('inf'))
         opt.step(); opt.zero_grad(set_to_none=True)

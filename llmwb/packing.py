@@ -305,11 +305,12 @@ def contamination_gap(model,                  # a causal LM
     "Largest |logit| difference for `example` run alone vs packed after neighbours[0] and before the others."
     row = neighbours[0] + example + sum(neighbours[1:], [])
     lens = [len(neighbours[0]), len(example)] + [len(n) for n in neighbours[1:]]
-    batch = PackedCollator(0)([{'input_ids': row, 'seq_lengths': lens}])
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in PackedCollator(0)([{'input_ids': row, 'seq_lengths': lens}]).items() if k != 'labels'}
     s, n = lens[0], len(example)
     with torch.no_grad():
-        alone = model(input_ids=torch.tensor([example])).logits[0]
-        packed = model(**{k: v for k, v in batch.items() if k != 'labels'}).logits[0, s:s + n]
+        alone = model(input_ids=torch.tensor([example], device=dev)).logits[0].float()
+        packed = model(**batch).logits[0, s:s + n].float()
     return float((alone - packed).abs().max())
 
 # %% ../nbs/02_packing.ipynb #eda96baf

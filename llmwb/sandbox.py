@@ -269,7 +269,7 @@ def _kill(p, info:bytes):
     except (ProcessLookupError, PermissionError): pass
     p.wait()
 
-# %% ../nbs/00b_sandbox.ipynb #62482f23
+# %% ../nbs/00b_sandbox.ipynb #64281eb6
 def _judge(out:str, verdict:bytes, secret:str, tests, timed_out:bool, timeout:float, wall:float) -> SandboxResult:
     r = SandboxResult(False, '', out, wall_s=round(wall, 3), timed_out=timed_out)
     if not verdict.startswith(b'S'):
@@ -283,7 +283,7 @@ def _judge(out:str, verdict:bytes, secret:str, tests, timed_out:bool, timeout:fl
     if not v['loaded']: r.reason = v['why'] or 'the code did not load'; return r
     if tests is None:
         r.ok, r.reason = v['done'], 'ran' if v['done'] else v['why']; return r
-    expected = runner.test_ids(tests)
+    expected = test_ids(tests)
     r.tests = {'expected': len(expected), 'run': len(v['run']), 'passed': len(v['passed']),
                **{k: v[k] for k in ('failed', 'errored', 'skipped')}}
     bad = {k: v[k] for k in ('failed', 'errored', 'skipped') if v[k]}
@@ -295,7 +295,6 @@ def _judge(out:str, verdict:bytes, secret:str, tests, timed_out:bool, timeout:fl
         r.reason = ', '.join(f'{len(x)} {k}' for k, x in bad.items()) + f' of {len(expected)}; {test} {kind}: {_headline(why)}'
     elif not v['done']: r.reason = v['why'] or 'the tests did not finish'
     elif sorted(v['run']) != expected: r.reason = f"{len(v['run'])} tests ran where the row's code defines {len(expected)}"
-    elif sorted(v['passed']) != expected: r.reason = 'not every test passed'
     else: r.ok, r.reason = True, 'passed'
     return r
 

@@ -27,23 +27,30 @@ def test_ids(test_code:str) -> list:
         return own.union(*(methods(name(b), seen + (c,)) for b in classes[c].bases))
     return sorted(f'{c}.{m}' for c in classes if is_case(c) for m in methods(c))
 
-# %% ../nbs/00a_sandbox_runner.ipynb #c1a84f35
+# %% ../nbs/00a_sandbox_runner.ipynb #c8209ae5
 def _send(fd:int, obj):
     data = (json.dumps(obj) + '\n').encode()
     while data: data = data[os.write(fd, data):]
 
-def _lines(fd:int, limit:int=1 << 24):
-    "The JSON documents written to `fd` a line each; None for a line that is not JSON or is too long (and then no more)."
+def _raw_lines(fd:int, limit:int|None=None):
+    "The lines written to `fd`; with `limit`, a line longer than that ends them with None."
     buf = b''
     while True:
         while b'\n' in buf:
             line, buf = buf.split(b'\n', 1)
-            try: yield json.loads(line)
-            except ValueError: yield None; return
-        if len(buf) > limit: yield None; return
+            yield line
+        if limit is not None and len(buf) > limit: yield None; return
         chunk = os.read(fd, 1 << 16)
         if not chunk: return
         buf += chunk
+
+def _lines(fd:int, limit:int=1 << 24):
+    "The JSON documents written to `fd` a line each; None for a line that is not JSON or is too long (and then no more)."
+    for line in _raw_lines(fd, limit):
+        try: doc = json.loads(line) if line is not None else None
+        except ValueError: doc = None
+        yield doc
+        if doc is None: return
 
 def _clip(s:str, n:int=1500) -> str:
     "`s`, or its first line and its end when it is longer than `n` characters."
@@ -133,7 +140,7 @@ def _ended(pid:int, when:str) -> str:
         return f"the candidate's process was killed by {what} {when}"
     return f"the candidate's process exited with status {os.WEXITSTATUS(status)} {when}"
 
-# %% ../nbs/00a_sandbox_runner.ipynb #506846eb
+# %% ../nbs/00a_sandbox_runner.ipynb #a91f5680
 def candidate(job_fd:int, ev_fd:int):
     "Main of the candidate's process: load the code, then run the tests the supervisor sends, reporting each."
     import types
@@ -173,16 +180,6 @@ def candidate(job_fd:int, ev_fd:int):
     _flush()
     emit({'e': 'done'})
     _exit()
-
-def _raw_lines(fd:int):
-    buf = b''
-    while True:
-        while b'\n' in buf:
-            line, buf = buf.split(b'\n', 1)
-            yield line
-        chunk = os.read(fd, 1 << 20)
-        if not chunk: return
-        buf += chunk
 
 def _limit(limits:dict):
     "Set each rlimit (soft = hard; the CPU limit's hard one a second later, so SIGXCPU comes first)."
