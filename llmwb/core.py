@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #e718433f
 from __future__ import annotations
-import os, sys, json, re, time, random, socket, difflib, dataclasses, tempfile, datetime, importlib.util, typing
+import os, sys, json, re, math, time, random, socket, difflib, dataclasses, tempfile, datetime, importlib.util, typing
+import functools, hashlib, shutil, zipfile, contextlib
 from dataclasses import dataclass, field, fields, asdict, MISSING
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,11 +14,15 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['ATTN_IMPLS', 'LlmwbError', 'ConfigError', 'DeviceError', 'DependencyError', 'ModelNotFoundError', 'DatasetError',
+__all__ = ['ATTN_IMPLS', 'VOCABULARY', 'ALIASES', 'fmt_num', 'JOB_CLASSES', 'TORCH_SUFFIXES', 'PHASES', 'LlmwbError',
+           'ConfigError', 'DeviceError', 'DependencyError', 'ModelNotFoundError', 'DatasetError',
            'DatasetNotFoundError', 'EmptyDatasetError', 'available_devices', 'get_device', 'get_dtype', 'dtype_name',
            'Launch', 'launch_info', 'check_launch', 'AttentionChoice', 'flash_attn_available', 'resolve_attention',
            'set_seed', 'hub_reachable', 'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify',
-           'free_run_dir', 'make_run_dir', 'JobConfig', 'MetricsLog', 'start_run', 'RunResult', 'open_run', 'pyplot',
+           'free_run_dir', 'make_run_dir', 'job_aliases', 'vocabulary_table', 'JobConfig', 'MetricsLog', 'start_run',
+           'RunResult', 'open_run', 'sha256_file', 'verify_file', 'checkpoint_problem', 'scan_checkpoints',
+           'list_checkpoints', 'prune_checkpoints', 'find_checkpoint', 'ResumePoint', 'resume_mismatch', 'resume_point',
+           'record_resume', 'EarlyStopping', 'Callback', 'MetricsWriter', 'TensorBoardWriter', 'Run', 'pyplot',
            'save_figure', 'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
@@ -293,10 +298,50 @@ def make_run_dir(name:str,           # readable name, e.g. from `JobConfig.run_n
         try: p.mkdir(); return p
         except FileExistsError: continue
 
-# %% ../nbs/00_core.ipynb #593908af
+# %% ../nbs/00_core.ipynb #a0e67564
+VOCABULARY = {   # canonical name: (the concept, older names still accepted)
+    'learning_rate': ('peak learning rate', ('lr', 'rl_learning_rate')),
+    'lr_scheduler_type': ('learning-rate schedule', ('lr_scheduler',)),
+    'warmup_steps': ('learning-rate warmup (steps; below 1 a fraction of all steps where a job allows it)', ('warmup', 'warmup_iters', 'rl_warmup_steps')),
+    'max_steps': ('optimizer steps', ('max_iters',)),
+    'num_train_epochs': ('passes over the training data', ('num_epochs',)),
+    'per_device_train_batch_size': ('examples per process per step', ('batch_size',)),
+    'per_device_eval_batch_size': ('examples per evaluation batch', ('eval_batch_size',)),
+    'gradient_accumulation_steps': ('micro-batches per optimizer step', ('grad_accum',)),
+    'max_grad_norm': ('gradient clipping', ('gradient_clip_val',)),
+    'adam_beta1': ('AdamW beta1', ('beta1',)),
+    'adam_beta2': ('AdamW beta2', ('beta2',)),
+    'logging_steps': ('steps between logged metrics', ('log_interval',)),
+    'eval_steps': ('steps between evaluations', ('eval_interval',)),
+    'save_steps': ('steps between checkpoints', ('checkpoint_interval',)),
+    'save_total_limit': ('checkpoints kept', ('keep_last',)),
+    'early_stopping_patience': ('evaluations without improvement before stopping', ('patience',)),
+    'resume_from_checkpoint': ('the run or checkpoint to continue (latest: the newest matching run)', ('resume',)),
+    'output_dir': ('the run folder', ('run_dir',)),
+    'torch_compile': ('torch.compile the model', ('compile',)),
+    'dtype': ('training precision', ('precision',)),
+    'device': ('where to train', ()),
+    'seed': ('seed of everything random', ()),
+}
+ALIASES = {old: new for new, (_, olds) in VOCABULARY.items() for old in olds}
+
+@functools.cache
+def job_aliases(cls) -> dict:
+    "The older names `cls` accepts, each with the field it means: the shared `ALIASES` of its fields, and its own `extra_aliases`."
+    names = {f.name for f in fields(cls)}
+    return {old: new for old, new in {**ALIASES, **getattr(cls, 'extra_aliases', {})}.items() if new in names and old not in names}
+
+def vocabulary_table() -> str:
+    "The vocabulary as a markdown table: each canonical name, its concept and the older names accepted."
+    rows = ''.join(f"| `{n}` | {c} | {', '.join(f'`{o}`' for o in olds) or '-'} |\n" for n, (c, olds) in VOCABULARY.items())
+    return "| name | concept | also accepted |\n|---|---|---|\n" + rows
+
+# %% ../nbs/00_core.ipynb #691d123c
 def _fmt_num(v):
     if isinstance(v, float): return f'{v:g}'
     return str(v)
+
+fmt_num = _fmt_num   # public: run names of every job format their numbers this way
 
 def _check_type(name, v, tp):
     "Coerce `v` to annotation `tp` where lossless (int->float), else raise ConfigError."
@@ -328,15 +373,39 @@ def _check_type(name, v, tp):
                           fix=f"pass a {tp.__name__}, e.g. -p {name} <value>.")
     return v
 
+# %% ../nbs/00_core.ipynb #5141048b
 _NS_IGNORE = {'In', 'Out', 'get_ipython', 'exit', 'quit', 'open'}
+JOB_CLASSES = {}   # class name -> job config class, filled as job modules are imported
+
+class _JobMeta(type):
+    "Lets a job class take any accepted name as a keyword: `SFTJob(lr=1e-4)` is `SFTJob(learning_rate=1e-4)`."
+    def __call__(cls, *args, **kw): return super().__call__(*args, **cls.canonical(kw))
+
+def _default(f):
+    if f.default is not MISSING: return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
 
 @dataclass
-class JobConfig:
-    "Base for job configs: typed fields, strict construction, validation, run naming and saving."
+class JobConfig(metaclass=_JobMeta):
+    "Base for job configs: typed fields, aliases, strict construction, validation, run naming and saving."
+    resume_fields = ()            # fields that must match for a run to be continued
+    resume_needs_checkpoint = True  # False: a run folder alone can be continued (it skips the work already done)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        JOB_CLASSES[cls.__name__] = cls
+
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in fields(self): setattr(self, f.name, _check_type(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
+
+    def __getattr__(self, name):   # only called for names that are not attributes: an alias reads its field
+        new = job_aliases(type(self)).get(name)
+        if new is None: raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self, new)
+
+    def __setattr__(self, name, value): object.__setattr__(self, job_aliases(type(self)).get(name, name), value)
 
     def validate(self):
         "Check values beyond their types; subclasses raise `ConfigError`."
@@ -345,15 +414,42 @@ class JobConfig:
     def field_names(cls) -> list[str]: return [f.name for f in fields(cls)]
 
     @classmethod
+    def defaults(cls) -> dict: return {f.name: _default(f) for f in fields(cls)}
+
+    @classmethod
+    def aliases(cls) -> dict: return job_aliases(cls)
+
+    @classmethod
+    def canonical(cls, d:dict) -> dict:
+        "`d` with every alias replaced by its field's name; a setting given under two names is refused."
+        al, out, given = job_aliases(cls), {}, {}
+        for k, v in d.items():
+            c = al.get(k, k)
+            if c in out:
+                raise ConfigError(f"{cls.__name__} was given both {given[c]!r} and {k!r}, two names for the same setting.",
+                                  expected=f"one of them ({c!r} is the name to use; the other is an older alias)",
+                                  fix=f"pass only {c}=...")
+            out[c], given[c] = v, k
+        return out
+
+    @classmethod
+    def prefer_given(cls, d:dict) -> dict:
+        "`d` without fields that only hold their default where an alias of them is set too (a papermill `-p lr` beside the notebook's `learning_rate`)."
+        al, dflt = job_aliases(cls), cls.defaults()
+        drop = {al[k] for k in d if k in al and al[k] in d and d[al[k]] == dflt[al[k]]}
+        return {k: v for k, v in d.items() if k not in drop}
+
+    @classmethod
     def from_dict(cls, d:dict, strict:bool=True):
-        "Build from `d`, refusing unknown names (with a did-you-mean) when `strict`."
+        "Build from `d` (aliases resolved), refusing unknown names (with a did-you-mean) when `strict`."
+        d = cls.canonical(d)
         names = cls.field_names()
         unknown = [k for k in d if k not in names]
         if unknown and strict:
             hints = []
             for k in unknown:
-                m = difflib.get_close_matches(k, names, n=1, cutoff=0.6)
-                hints.append(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else ''))
+                m = difflib.get_close_matches(k, names + list(job_aliases(cls)), n=1, cutoff=0.6)
+                hints.append(f"{k!r}" + (f" (did you mean {job_aliases(cls).get(m[0], m[0])!r}?)" if m else ''))
             raise ConfigError(f"Unknown parameter{'s' if len(unknown)>1 else ''} for {cls.__name__}: {', '.join(hints)}.",
                               expected=f"one of: {', '.join(names)}",
                               fix="correct the name; misspelled parameters are refused rather than silently ignored.")
@@ -361,23 +457,30 @@ class JobConfig:
 
     @classmethod
     def from_namespace(cls, ns:dict, before:dict|set=None):
-        "Build from a notebook namespace (`globals()`): every plain variable must be a field."
+        "Build from a notebook namespace (`globals()`): every plain variable must be a field or an alias of one."
         skip = set(before or ())
         d = {k: v for k, v in ns.items()
              if not k.startswith('_') and k not in _NS_IGNORE and k not in skip and not callable(v)
              and not isinstance(v, type(sys)) and not isinstance(v, JobConfig)}
-        return cls.from_dict(d)
+        return cls.from_dict(cls.prefer_given(d))
 
     def to_dict(self) -> dict: return asdict(self)
-    def replace(self, **kw): return type(self).from_dict({**self.to_dict(), **kw})
+    def replace(self, **kw): return type(self).from_dict({**self.to_dict(), **type(self).canonical(kw)})
 
     def run_name(self) -> str:
         "A readable run-folder name from the key fields; subclasses override."
         return type(self).__name__.lower()
 
     def continues_run(self) -> Path|None:
-        "The existing run folder this job continues (a resumed run), or None for a new run; jobs that resume override."
-        return None
+        "The existing run folder this job continues (a resumed run), or None for a new run."
+        if 'resume_from_checkpoint' not in self.field_names(): return None
+        rp = resume_point(self)
+        return rp.run_dir if rp else None
+
+    @classmethod
+    def checkpoints(cls, run_dir:Path) -> list[dict]:
+        "The checkpoints of one of this job's run folders (`scan_checkpoints`); jobs with their own layout override."
+        return scan_checkpoints(run_dir)
 
     def to_text(self) -> str:
         "The config as aligned `name = value` lines."
@@ -393,7 +496,7 @@ class JobConfig:
 
     @classmethod
     def load(cls, path:str|Path):
-        "Read a config saved by `save` (a config.json or the run folder holding it)."
+        "Read a config saved by `save` (a config.json or the run folder holding it); older names are read as their aliases."
         p = Path(path); p = p/'config.json' if p.is_dir() else p
         d = json.loads(p.read_text()); d.pop('job', None)
         return cls.from_dict(d, strict=False)
@@ -425,7 +528,7 @@ def start_run(job:JobConfig,       # the validated job config
         p = Path(run_dir).expanduser()
         if p.exists() and any(q.name != '.gitkeep' and not q.name.endswith('.ipynb') for q in p.iterdir()):
             raise ConfigError(f"Run folder {str(p)!r} already holds files; llmwb never writes over a run.",
-                              fix="pass a new run_dir, or leave run_dir empty to get a fresh runs/<timestamp>_<name>/.")
+                              fix="pass a new output_dir, or leave output_dir empty to get a fresh runs/<timestamp>_<name>/.")
         p.mkdir(parents=True, exist_ok=True)
     else: p = make_run_dir(job.run_name())
     for sub in ('plots', 'checkpoints', 'tensorboard'): (p/sub).mkdir(exist_ok=True)
@@ -443,16 +546,14 @@ class RunResult:
 
 def open_run(job:JobConfig,              # the validated job config
              launch:Launch,              # this process's place in the launch (`launch_info()`)
-             resume:tuple|None,          # None for a new run, or (run folder, what it resumes from) to reopen one
+             resume:ResumePoint|None,    # None for a new run, or the `resume_point` it continues
              device:torch.device         # the device the job trains on (cpu joins gloo)
             ) -> Path:
-    "Rank 0 opens (or reopens) the run folder; under DDP the others get its path from rank 0."
+    "Rank 0 opens (or reopens, recording the resume) the run folder; under DDP the others get its path from rank 0."
     def make():
-        if resume is None: return start_run(job, job.run_dir)
-        rd, ck = resume
-        with open(rd/'resumes.jsonl', 'a') as f:
-            f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'checkpoint': str(ck), 'config': job.to_dict()}, default=str) + '\n')
-        return rd
+        if resume is None: return start_run(job, job.output_dir)
+        record_resume(resume.run_dir, job, resume.checkpoint)
+        return resume.run_dir
     if not launch.distributed: return make()
     import torch.distributed as dist
     from accelerate import PartialState
@@ -464,6 +565,336 @@ def open_run(job:JobConfig,              # the validated job config
     dist.broadcast_object_list(box, src=0)
     if box[0].startswith('!'): raise LlmwbError(f"rank 0 could not open the run folder: {box[0][1:]}")
     return Path(box[0])
+
+# %% ../nbs/00_core.ipynb #a8310aa5
+def sha256_file(p:str|Path) -> str:
+    "The sha256 of a file, read in 1 MiB blocks."
+    h = hashlib.sha256()
+    with open(p, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()
+
+TORCH_SUFFIXES = ('.pt', '.pth', '.bin')
+
+def verify_file(p:str|Path, deep:bool=True) -> str|None:
+    "Why file `p` cannot be used, or None: JSON parses, safetensors lengths match their header, torch archives are complete (with `deep`: CRCs)."
+    p = Path(p)
+    if not p.is_file(): return f'{p.name} is missing'
+    n = p.stat().st_size
+    if n == 0: return f'{p.name} is empty'
+    try:
+        if p.suffix == '.json': json.loads(p.read_text())
+        elif p.suffix == '.safetensors':
+            with open(p, 'rb') as f:
+                hl = int.from_bytes(f.read(8), 'little')
+                if 8 + hl > n: return f'{p.name} is truncated (its header runs past the end of the file)'
+                hdr = json.loads(f.read(hl))
+            want = 8 + hl + max((v['data_offsets'][1] for k, v in hdr.items() if k != '__metadata__'), default=0)
+            if want != n: return f'{p.name} has {n:,} bytes where its header says {want:,} (truncated?)'
+        elif p.suffix in TORCH_SUFFIXES:
+            if not zipfile.is_zipfile(p): return f'{p.name} is not a complete torch archive (truncated?)'
+            if deep:
+                with zipfile.ZipFile(p) as z:
+                    bad = z.testzip()
+                if bad: return f'{p.name}: {bad} fails its CRC check'
+    except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile) as e: return f'{p.name} cannot be read ({type(e).__name__}: {e})'
+    return None
+
+def checkpoint_problem(ck:str|Path, deep:bool=True) -> str|None:
+    "Why checkpoint `ck` (a folder or a file) cannot be used, or None; a folder with a meta.json is checked against the sizes and checksums it records."
+    ck = Path(ck)
+    if ck.is_file(): return verify_file(ck, deep)
+    if not ck.is_dir(): return 'it does not exist'
+    if (ck/'meta.json').exists():
+        try: meta = json.loads((ck/'meta.json').read_text())
+        except json.JSONDecodeError: return 'meta.json is not valid JSON'
+        for f, e in meta.get('files', {}).items():
+            p = ck/f
+            if not p.exists(): return f'{f} is missing'
+            if p.stat().st_size != e['bytes']: return f"{f} has {p.stat().st_size:,} bytes, not {e['bytes']:,} (truncated?)"
+            if deep and sha256_file(p) != e['sha256']: return f'{f} does not match its checksum'
+        return None
+    if ck.name.startswith('step_'): return 'no meta.json (an incomplete write)'
+    if ck.name.startswith('checkpoint-') and not (ck/'trainer_state.json').exists(): return 'no trainer_state.json (an incomplete write)'
+    files = sorted(f for f in ck.rglob('*') if f.is_file())
+    if not files: return 'it is empty'
+    return next((prob for f in files if (prob := verify_file(f, deep))), None)
+
+# %% ../nbs/00_core.ipynb #ccd1a444
+def _mtime(p:Path) -> str: return datetime.datetime.fromtimestamp(p.stat().st_mtime).isoformat(timespec='seconds')
+
+def _ck_record(path:Path, name:str, step, kind:str, resumable:bool=True, **kw) -> dict:
+    prob = checkpoint_problem(path, deep=False)
+    rec = dict(name=name, path=str(path), step=step, kind=kind, val_loss=None, train_loss=None, time=_mtime(path), ok=prob is None,
+               problem=prob, best=False, resumable=resumable)
+    rec.update({k: v for k, v in kw.items() if v is not None})
+    return rec
+
+def _pt_info(p:Path) -> dict:
+    "The epoch/step and losses a torch checkpoint dict records (read memory-mapped, tensors untouched); {} when unreadable."
+    try: d = torch.load(p, map_location='cpu', weights_only=True, mmap=True)
+    except Exception: return {}   # noqa: BLE001 - a damaged file is reported by checkpoint_problem
+    if not isinstance(d, dict): return {}
+    val = d.get('best_val_loss') if d.get('val') is None else d['val'].get('loss')
+    return dict(step=d.get('epoch', d.get('step')), val_loss=val)
+
+def scan_checkpoints(run_dir:str|Path,   # a run folder (or its checkpoints/ folder)
+                     root:str|Path=None  # where its checkpoints are, when not in <run>/checkpoints
+                    ) -> list[dict]:
+    "Every checkpoint of a run folder in any of llmwb's layouts, oldest first, as records with the same keys."
+    rd = Path(run_dir).expanduser()
+    if rd.name == 'checkpoints' and root is None: rd, root = rd.parent, rd
+    root = Path(root).expanduser() if root else rd/'checkpoints'
+    cks = []
+    for ck in root.glob('step_*'):   # the from-scratch loop
+        if not ck.is_dir(): continue
+        try: meta = json.loads((ck/'meta.json').read_text())
+        except (OSError, json.JSONDecodeError): meta = {}
+        r = _ck_record(ck, ck.name, meta.get('step', int(ck.name.split('_')[-1])), 'loop', val_loss=meta.get('val_loss'), train_loss=meta.get('train_loss'))
+        if meta.get('time'): r['time'] = meta['time']
+        cks.append(r)
+    best_hf = None
+    for ck in root.glob('checkpoint-*'):   # Hugging Face trainers
+        if not (ck.is_dir() and ck.name.split('-')[-1].isdigit()): continue
+        try: st = json.loads((ck/'trainer_state.json').read_text())
+        except (OSError, json.JSONDecodeError): st = {}
+        logs = st.get('log_history', [])
+        last = lambda k: next((l[k] for l in reversed(logs) if k in l), None)
+        cks.append(_ck_record(ck, ck.name, st.get('global_step', int(ck.name.split('-')[-1])), 'hf', val_loss=last('eval_loss'), train_loss=last('loss')))
+        best_hf = st.get('best_model_checkpoint') or best_hf
+    for f in root.glob('*.pt'):   # epoch checkpoints (ELIS)
+        info = _pt_info(f)
+        m = re.fullmatch(r'checkpoint_epoch_(\d+)\.pt', f.name)
+        cks.append(_ck_record(f, f.name, int(m[1]) if m else info.get('step'), 'epoch', resumable=not f.name.startswith('best'),
+                              val_loss=info.get('val_loss'), best=f.name.startswith('best')))
+    for f in sorted(rd.glob('d*/stage*.pt')):   # the compressor's sweep: one per D′ and stage
+        info = _pt_info(f)
+        cks.append(_ck_record(f, f'{f.parent.name}/{f.name}', info.get('step'), 'sweep', val_loss=info.get('val_loss')))
+    order = lambda c: (c['kind'] == 'sweep', c['step'] if c['step'] is not None else -1, not c['name'].startswith('latest'), c['time'])
+    cks.sort(key=lambda c: (c['time'], c['name']) if c['kind'] == 'sweep' else order(c))
+    if best_hf: [c.update(best=True) for c in cks if Path(c['path']).name == Path(best_hf).name]
+    good = [c for c in cks if c['kind'] == 'loop' and c['ok'] and c['val_loss'] is not None]
+    if good: min(good, key=lambda c: (c['val_loss'], -c['step']))['best'] = True
+    return cks
+
+def list_checkpoints(path:str|Path) -> list[dict]:
+    "The checkpoints of a run folder of any job (its job class decides where they are), or of a checkpoints folder."
+    p = Path(path).expanduser()
+    if p.name != 'checkpoints' and (p/'config.json').exists():
+        try: cls = JOB_CLASSES.get(json.loads((p/'config.json').read_text()).get('job'))
+        except (OSError, json.JSONDecodeError): cls = None
+        if cls is not None: return cls.checkpoints(p)
+    return scan_checkpoints(p)
+
+def prune_checkpoints(ckpt_root:str|Path,  # a run folder or checkpoints folder
+                      keep_last:int        # resumable checkpoints kept besides the best (0 keeps all)
+                     ) -> list[str]:
+    "Delete all but the last `keep_last` resumable checkpoints and the best by val loss; returns the deleted paths."
+    if keep_last <= 0: return []
+    cks = [c for c in scan_checkpoints(ckpt_root) if c['resumable']]
+    keep = {c['path'] for c in cks[-keep_last:]} | {c['path'] for c in cks if c['best']}
+    gone = [c['path'] for c in cks if c['path'] not in keep]
+    for g in gone: shutil.rmtree(g, ignore_errors=True) if Path(g).is_dir() else Path(g).unlink(missing_ok=True)
+    return gone
+
+def find_checkpoint(run_dir:Path, path:str|Path) -> dict|None:
+    "The record of checkpoint `path` (a folder, a file, or a name such as `step_000400`) among the run's checkpoints."
+    cks = list_checkpoints(run_dir)
+    p = Path(path).expanduser()
+    return next((c for c in cks if c['name'] == str(path) or (p.exists() and Path(c['path']).resolve() == p.resolve())), None)
+
+# %% ../nbs/00_core.ipynb #765b7d02
+class ResumePoint(NamedTuple):
+    "The run a job continues, the checkpoint to continue from, and the older usable ones (newest first) to fall back on."
+    run_dir: Path
+    checkpoint: Path|None
+    checkpoints: list
+
+def resume_mismatch(job:JobConfig, saved:dict) -> list[str]:
+    "The `resume_fields` of `job` whose values differ from a run's saved config (saved under older names or not)."
+    saved = type(job).canonical({k: v for k, v in saved.items() if k != 'job'})
+    d = job.to_dict()
+    return [k for k in job.resume_fields if k in saved and saved[k] != d[k]]
+
+def _run_of(p:Path) -> Path|None:
+    "The run folder holding `p` (itself, or up to three folders above)."
+    return next((q for q in [p, *list(p.parents)[:3]] if (q/'config.json').exists()), None)
+
+def _resumables(job:JobConfig, rd:Path, upto:Path|None=None) -> list[Path]:
+    cks = [c for c in type(job).checkpoints(rd) if c['resumable'] and c['ok']]
+    if upto is not None:
+        names = [Path(c['path']).resolve() for c in cks]
+        cks = cks[:names.index(upto.resolve()) + 1] if upto.resolve() in names else cks
+    return [Path(c['path']) for c in cks][::-1]
+
+def resume_point(job:JobConfig) -> ResumePoint|None:
+    "The run (and checkpoint) `job.resume_from_checkpoint` continues, or None for a new run; raises with the reason."
+    r, cls = job.resume_from_checkpoint, type(job)
+    if not r: return None
+    what = getattr(job, 'data_name', lambda: '')()
+    if r == 'latest':
+        out = getattr(job, 'output_dir', '')
+        if out and (Path(out).expanduser()/'config.json').exists(): runs = [Path(out).expanduser()]
+        else:
+            runs = []
+            for c in runs_root().glob('*/config.json'):
+                try: saved = json.loads(c.read_text())
+                except (OSError, json.JSONDecodeError): continue
+                if saved.get('job') == cls.__name__ and not resume_mismatch(job, saved): runs.append(c.parent)
+        found = [(rd, cks) for rd in runs if (cks := _resumables(job, rd)) or not cls.resume_needs_checkpoint]
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint='latest' found no {'checkpoint of a ' if cls.resume_needs_checkpoint else ''}"
+                              f"{cls.__name__} run{' on ' + what if what else ''} matching this job under {out or runs_root()}.",
+                              fix="pass the run folder or checkpoint to resume, or train with checkpoints (save_steps > 0) so runs leave some.")
+        rd, cks = max(found, key=lambda t: (t[1][0].stat().st_mtime if t[1] else (t[0]/'config.json').stat().st_mtime, t[0].name))
+    else:
+        p = Path(r).expanduser()
+        if not p.exists(): raise ConfigError(f"resume_from_checkpoint {r!r} does not exist.", fix="pass 'latest', a run folder or a checkpoint in one.")
+        rd = _run_of(p)
+        if rd is None: raise ConfigError(f"{str(p)!r} is not an llmwb run folder, nor a checkpoint inside one (no config.json at or above it).",
+                                         fix="point resume_from_checkpoint at the run folder, or use 'latest'.")
+        cks = _resumables(job, rd, upto=p if p != rd else None)
+        if p != rd and p.resolve() not in [c.resolve() for c in cks]:
+            prob = checkpoint_problem(p, deep=False)
+            raise ConfigError(f"{str(p)!r} cannot be resumed from: " + (prob or "it is not a checkpoint a run continues from") + '.',
+                              fix="pass the run folder to take its newest usable checkpoint.")
+        if not cks and cls.resume_needs_checkpoint:
+            raise ConfigError(f"{str(rd)!r} holds no usable checkpoint to continue from.",
+                              fix="pass a run that saved checkpoints (save_steps > 0), or start a new run without resume_from_checkpoint.")
+    saved = json.loads((rd/'config.json').read_text())
+    if saved.get('job') not in (None, cls.__name__):
+        raise ConfigError(f"Cannot continue {str(rd)!r}: it is a {saved.get('job')} run, not a {cls.__name__} run.", fix=f"pass a {cls.__name__} run.")
+    bad = resume_mismatch(job, saved)
+    if bad:
+        sd = cls.canonical({k: v for k, v in saved.items() if k != 'job'})
+        raise ConfigError(f"Cannot continue {rd.name}: it was trained with a different " +
+                          ', '.join(f"{k} ({sd[k]!r}, now {getattr(job, k)!r})" for k in bad) + '.',
+                          expected=f"the run's own {', '.join(bad)}",
+                          fix="use the run's own settings for these fields (see its config.json), or start a new run.")
+    return ResumePoint(rd, cks[0] if cks else None, cks)
+
+def record_resume(run_dir:Path, job:JobConfig, checkpoint=None, **info) -> dict:
+    "Append a line to the run's resumes.jsonl: when, from which checkpoint, and the config it continued with."
+    rec = {'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'checkpoint': str(checkpoint) if checkpoint else None, **info, 'config': job.to_dict()}
+    with open(Path(run_dir)/'resumes.jsonl', 'a') as f: f.write(json.dumps(rec, default=str) + '\n')
+    return rec
+
+# %% ../nbs/00_core.ipynb #3d725a76
+@dataclass
+class EarlyStopping:
+    "Counts evaluations without a lower value; `stop` once `patience` of them have passed (patience 0: never)."
+    patience: int = 0
+    best: float = math.inf
+    best_step: int = 0
+    bad: int = 0
+    def update(self, value:float, step:int) -> bool:
+        "Record `value` at `step`; whether it is the best so far."
+        if value < self.best: self.best, self.best_step, self.bad = value, step, 0; return True
+        self.bad += 1; return False
+    @property
+    def stop(self) -> bool: return bool(self.patience) and self.bad >= self.patience
+
+# %% ../nbs/00_core.ipynb #27c339d7
+PHASES = ('data', 'evaluate_before', 'train', 'evaluate_after', 'save')
+
+class Callback:
+    "Watches a job's run: override the events you need (each gets the `Run` first)."
+    def on_phase_start(self, run, phase:str): "A phase of `PHASES` begins."
+    def on_phase_end(self, run, phase:str, seconds:float): "A phase ended, after `seconds`."
+    def on_open(self, run, facts:dict): "The run folder is open (`run.run_dir`); `facts` describe the run."
+    def on_step(self, run, step:int, metrics:dict): "A logged training step: loss, learning rate, ..."
+    def on_evaluate(self, run, step:int, metrics:dict): "An evaluation at `step`."
+    def on_checkpoint(self, run, step:int, path:Path): "A checkpoint was written."
+    def on_end(self, run, status:str, metrics:dict): "The run ended: `completed` or `failed`, with its final figures."
+
+class MetricsWriter(Callback):
+    "metrics.jsonl gets a line per step and evaluation, metrics.json the final figures."
+    def __init__(self, run_dir:Path): self.log = MetricsLog(run_dir)
+    def on_step(self, run, step, metrics): self.log.log(step, **metrics)
+    def on_evaluate(self, run, step, metrics): self.log.log(step, **metrics)
+    def on_end(self, run, status, metrics): self.log.write_final({'status': status, **metrics})
+
+def _md_table(d:dict) -> str:
+    return '| field | value |\n|---|---|\n' + ''.join(f"| {k} | {str(v).replace('|', '/')} |\n" for k, v in d.items())
+
+class TensorBoardWriter(Callback):
+    "The run's one TensorBoard writer: the facts and config at step 0, steps under train/, evaluations under eval/ (names with a / as they are)."
+    def __init__(self, run_dir:Path, purge_step:int=None):
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(str(Path(run_dir)/'tensorboard'), purge_step=purge_step)
+    def tag(self, kind:str, k:str) -> str:
+        if '/' in k: return k
+        for p in ('train_', 'eval_', 'val_'): k = k.removeprefix(p)
+        return f"{kind}/{k}"
+    def scalars(self, kind, step, metrics):
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v): self.tb.add_scalar(self.tag(kind, k), v, step)
+    def on_open(self, run, facts):
+        if not facts or run.resumed: return
+        for k, v in facts.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool): self.tb.add_scalar(f'run/{k}', v, 0)
+        self.tb.add_text('run/facts', _md_table(facts), 0)
+        self.tb.add_text('run/config', _md_table(run.job.to_dict()), 0)
+        self.tb.flush()
+    def on_step(self, run, step, metrics): self.scalars('train', step, metrics)
+    def on_evaluate(self, run, step, metrics): self.scalars('eval', step, metrics)
+    def on_end(self, run, status, metrics): self.tb.close()
+
+# %% ../nbs/00_core.ipynb #550eafe3
+class Run:
+    "One run of a job: the callbacks it reports to, its folder once open, and the events."
+    def __init__(self, job:JobConfig, callbacks:list=None, quiet:bool=False, launch:Launch=None):
+        self.job, self.quiet, self.launch = job, quiet, launch or launch_info()
+        self.main = self.launch.is_main
+        self.callbacks = [c for c in (callbacks or []) if isinstance(c, Callback)]
+        self.run_dir, self.resumed, self.status, self.t_start, self.seconds = None, False, 'running', time.time(), {}
+
+    def say(self, *args):
+        "Print on the main process unless quiet."
+        if self.main and not self.quiet: print(*args)
+
+    def emit(self, event:str, *args):
+        for cb in list(self.callbacks): getattr(cb, f'on_{event}')(self, *args)
+
+    @contextlib.contextmanager
+    def phase(self, name:str):
+        "Report phase `name` (one of `PHASES`) around the block; an exception ends it without `phase_end`."
+        if name not in PHASES: raise ValueError(f"unknown phase {name!r}; one of {PHASES}")
+        self.emit('phase_start', name); t = time.time()
+        yield self
+        self.seconds[name] = self.seconds.get(name, 0) + time.time() - t
+        self.emit('phase_end', name, time.time() - t)
+
+    def open(self, run_dir:Path, facts:dict=None, resumed:bool=False, purge_step:int=None, tensorboard=TensorBoardWriter) -> Path:
+        "Take the run folder (made by `open_run`/`start_run`): the main process writes metrics and TensorBoard from here on."
+        self.run_dir, self.resumed = Path(run_dir), resumed
+        if self.main: self.callbacks[:0] = [MetricsWriter(self.run_dir)] + ([tensorboard(self.run_dir, purge_step=purge_step)] if tensorboard else [])
+        self.emit('open', dict(facts or {}))
+        return self.run_dir
+
+    @property
+    def writer(self):
+        "The run's TensorBoard `SummaryWriter` (for text and images beside the scalars), or None on other ranks."
+        return next((c.tb for c in self.callbacks if isinstance(c, TensorBoardWriter)), None)
+
+    def log_step(self, step:int, **metrics): self.emit('step', int(step), metrics)
+    def log_eval(self, step:int, **metrics): self.emit('evaluate', int(step), metrics)
+    def saved(self, step:int, path:Path): self.emit('checkpoint', int(step), Path(path))
+
+    def wall_time(self) -> float: return round(time.time() - self.t_start, 2)
+
+    def end(self, metrics:dict, status:str='completed') -> dict:
+        "Report the end with the final figures (written to metrics.json on the main process); returns them with the status."
+        self.status = status
+        metrics = {'status': status, **{k: v for k, v in metrics.items() if k != 'status'}}
+        self.emit('end', status, metrics)
+        return metrics
+
+    def __enter__(self): return self
+    def __exit__(self, et, e, tb):
+        if et is not None and self.status == 'running' and self.run_dir is not None:
+            self.end({'error': f"{et.__name__}: {e}", 'wall_time_s': self.wall_time()}, 'failed')
+        return False
 
 # %% ../nbs/00_core.ipynb #7e1fff1b
 def pyplot():
