@@ -19,8 +19,8 @@ __all__ = ['ATTN_IMPLS', 'VOCABULARY', 'ALIASES', 'fmt_num', 'JOB_CLASSES', 'TOR
            'DatasetNotFoundError', 'EmptyDatasetError', 'available_devices', 'get_device', 'get_dtype', 'dtype_name',
            'Launch', 'launch_info', 'check_launch', 'AttentionChoice', 'flash_attn_available', 'resolve_attention',
            'set_seed', 'hub_reachable', 'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify',
-           'free_run_dir', 'make_run_dir', 'job_aliases', 'vocabulary_table', 'JobConfig', 'MetricsLog', 'start_run',
-           'RunResult', 'open_run', 'sha256_file', 'verify_file', 'checkpoint_problem', 'scan_checkpoints',
+           'free_run_dir', 'make_run_dir', 'job_aliases', 'vocabulary_table', 'JobConfig', 'field_docs', 'MetricsLog',
+           'start_run', 'RunResult', 'open_run', 'sha256_file', 'verify_file', 'checkpoint_problem', 'scan_checkpoints',
            'list_checkpoints', 'prune_checkpoints', 'find_checkpoint', 'ResumePoint', 'resume_mismatch', 'resume_point',
            'record_resume', 'EarlyStopping', 'Callback', 'MetricsWriter', 'TensorBoardWriter', 'Run', 'pyplot',
            'save_figure', 'plot_metrics']
@@ -500,6 +500,23 @@ class JobConfig(metaclass=_JobMeta):
         p = Path(path); p = p/'config.json' if p.is_dir() else p
         d = json.loads(p.read_text()); d.pop('job', None)
         return cls.from_dict(d, strict=False)
+
+# %% ../nbs/00_core.ipynb #9c4b7dee
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^=#]+=[^#]*#\s*(.*?)\s*$")
+
+@functools.cache
+def field_docs(cls) -> dict:
+    "Each field's comment (`name: type = default  # comment`) in `cls` or the job classes it extends."
+    import inspect
+    docs = {}
+    for k in cls.__mro__:
+        if k is object or not dataclasses.is_dataclass(k): continue
+        try: src = inspect.getsource(k)
+        except (OSError, TypeError): continue
+        for line in src.splitlines():
+            if (m := _FIELD_LINE.match(line)) and m[1] not in docs: docs[m[1]] = m[2]
+    names = {f.name for f in fields(cls)}
+    return {n: d for n, d in docs.items() if n in names}
 
 # %% ../nbs/00_core.ipynb #420f70a2
 class MetricsLog:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import re, json
 from pathlib import Path
+from typing import NamedTuple
 
 from .core import ConfigError
 from .evaluation import extract_number, numbers_match, parse_label, token_f1
@@ -13,9 +14,9 @@ from .evaluation import extract_number, numbers_match, parse_label, token_f1
 # %% auto #0
 __all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
            'math_reward', 'classification_reward', 'code_reward', 'qa_reward', 'get_reward', 'combine_rewards',
-           'RewardModelReward', 'limit_prompts', 'GRPOJob', 'cpu_sampling', 'CompactGRPOTrainer', 'weighted_total',
-           'SampleRecorder', 'evaluate_policy', 'train_grpo', 'reward_curves', 'plot_rewards', 'evaluate_stages',
-           'plot_stages']
+           'RewardModelReward', 'limit_prompts', 'GRPOJob', 'cpu_sampling', 'CompactGRPOTrainer', 'reward_funcs',
+           'weighted_total', 'SampleRecorder', 'evaluate_policy', 'headline_score', 'GRPOData', 'prepare_grpo_data',
+           'grpo_facts', 'keep_reference', 'build_grpo_trainer', 'train_grpo', 'reward_curves', 'plot_rewards']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -184,25 +185,24 @@ def limit_prompts(ds,                    # rows with a `prompt` column
         cut[i] = t
     return ds.map(lambda r, i: {'prompt': cut.get(i, r['prompt'])}, with_indices=True), len(long)
 
-# %% ../nbs/08_grpo.ipynb #ac29c464
+# %% ../nbs/08_grpo.ipynb #27353f8c
 import time, math
 from dataclasses import dataclass
-from .core import (JobConfig, LlmwbError, MetricsLog, RunResult, _fmt_num, atomic_write, dtype_name, get_dtype, plot_metrics,
-                        set_seed, ATTN_IMPLS, launch_info)
+from .core import LlmwbError, RunResult, Run, MetricsLog, fmt_num, atomic_write, dtype_name, get_dtype, set_seed, launch_info, open_run
+from .hftrain import (HFTrainJob, Preflight, preflight, training_arguments, EventBridge, split_callbacks, quiet_trainer, with_lora,
+                           save_outputs, score_line, train_figures)
 from .registry import load_task, get_spec
 
+LOSS_TYPES = ('dapo', 'grpo', 'dr_grpo', 'bnpo')
+SCALE_REWARDS = ('group', 'batch', 'none')
+
 @dataclass
-class GRPOJob(JobConfig):
+class GRPOJob(HFTrainJob):
     "GRPO reinforcement learning of a causal LM on prompts whose answers a reward can check."
     model: str = 'tiny-gpt2'          # offline preset, local folder, or hub id (init_from takes a previous run instead)
-    init_from: str = ''               # a previous run's folder (SFT or pretraining): start from the model it saved
     dataset: str = 'sample-arithmetic'  # a dataset with the rl mode: catalogue name (gsm8k, imdb, glue, ...), sample-arithmetic, hub id or path
-    dataset_config: str = ''          # the dataset's config, e.g. sst2 for glue ('' for its default)
-    data_dir: str = ''                # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
-    train_split: str = ''             # split to draw prompts from ('' for the dataset's own)
+    init_from: str = ''               # a previous run's folder (SFT or pretraining): start from the model it saved
     eval_split: str = ''              # held-out split scored before and after ('' for the dataset's own)
-    max_train_examples: int = 0       # cap on training prompts (0: all)
-    max_eval_examples: int = 200      # held-out prompts scored before and after (0: all)
     rewards: list|None = None         # built-in rewards by name: math, classification, code, qa (None: the dataset's task)
     reward_weights: list|None = None  # one weight per reward, the reward model last (None: all 1)
     reward_model: str = ''            # a sequence-classification model (folder, run folder or hub id) whose score is a reward
@@ -215,50 +215,38 @@ class GRPOJob(JobConfig):
     max_completion_length: int = 32   # tokens generated per completion
     temperature: float = 1.0          # sampling temperature of the completions
     disable_dropout: bool = True      # no dropout in the policy: the log-probabilities trained on are those it sampled with
-    max_steps: int = 100              # optimizer steps
-    batch_size: int = 32              # completions per process per step (a multiple of grpo_group_size overall)
-    grad_accum: int = 1               # gradient accumulation steps (TRL: generation batches per step)
+    max_steps: int = 100              # optimizer steps (overrides num_train_epochs when > 0)
+    per_device_train_batch_size: int = 32  # completions per process per step (a multiple of grpo_group_size overall)
+    gradient_accumulation_steps: int = 1   # gradient accumulation steps (TRL: generation batches per step)
     num_iterations: int = 1           # optimization passes over each generated batch (TRL's mu)
     epsilon: float = 0.2              # clipping range of the policy ratio
     loss_type: str = 'dapo'           # TRL loss normalisation: dapo, grpo, dr_grpo, bnpo
     scale_rewards: str = 'group'      # divide advantages by the reward std of the group, the batch, or none
-    rl_learning_rate: float|None = None  # peak learning rate (None: 2e-4 for a model trained from a preset here, 1e-6 otherwise)
-    rl_warmup_steps: int = 0          # linear warmup steps
-    lr_scheduler: str = 'constant_with_warmup'  # transformers scheduler name (constant_with_warmup, cosine, linear, ...)
+    learning_rate: float|None = None  # peak learning rate (None: 2e-4 for a model trained from a preset here, 1e-6 otherwise)
+    lr_scheduler_type: str = 'constant_with_warmup'  # transformers scheduler name (constant_with_warmup, cosine, linear, ...)
+    warmup_steps: float = 0.0         # linear warmup: steps, or a fraction of all steps below 1
     weight_decay: float = 0.0         # AdamW weight decay
-    max_grad_norm: float = 1.0        # gradient clipping
     use_lora: bool = False            # train LoRA adapters (the reference model is then the adapters switched off)
-    lora_r: int = 16                  # LoRA rank
-    lora_alpha: int = 32              # LoRA scale numerator
-    lora_dropout: float = 0.05        # dropout on the adapters' input
-    lora_target_modules: list|None = None  # modules to adapt (None: the architecture's defaults)
-    merge_lora: bool = True           # also save the adapters merged into the base weights as <run>/model
-    seed: int = 42                    # seed for initialisation, prompt order and sampling
-    device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
-    dtype: str = 'auto'               # training precision: auto (bf16/fp16 mixed on CUDA, fp32 elsewhere), fp32, bf16, fp16
-    attn_implementation: str = 'auto' # auto, flash_attention_2, sdpa or eager
-    multi_gpu: bool = False           # one process per CUDA device (llmwb grpo --multi_gpu starts them with torchrun)
-    eval_batch_size: int = 64         # prompts per generation batch in the held-out evaluation
+    per_device_eval_batch_size: int = 64  # prompts per generation batch in the held-out evaluation
     num_samples: int = 4              # prompts whose completions are kept from the first and the last step
     logging_steps: int = 5            # log rewards, lengths and KL every this many steps
-    save_model: bool = True           # save the final model and tokenizer to <run>/model
-    run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
-    name: str = ''                    # readable run name; '' derives it from model, dataset and hyperparameters
+
+    # what must match for a run to be continued
+    resume_fields = ('model', 'init_from', 'dataset', 'dataset_config', 'data_dir', 'train_split', 'max_train_examples', 'rewards',
+                     'reward_weights', 'reward_model', 'grpo_group_size', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'seed',
+                     'use_lora', 'lora_r', 'lora_alpha', 'lora_target_modules')
 
     def validate(self):
-        for k in ('grpo_group_size', 'max_prompt_length', 'max_completion_length', 'max_steps', 'batch_size', 'grad_accum',
-                  'num_iterations', 'eval_batch_size', 'logging_steps', 'lora_r', 'max_code_chars'):
+        super().validate()
+        for k in ('grpo_group_size', 'max_prompt_length', 'max_completion_length', 'num_iterations', 'per_device_eval_batch_size', 'max_code_chars'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
-        for k in ('max_train_examples', 'max_eval_examples', 'rl_warmup_steps', 'num_samples'):
-            if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
+        if self.num_samples < 0: raise ConfigError(f"num_samples must be >= 0, got {self.num_samples}.")
         if self.grpo_group_size < 2:
             raise ConfigError(f"grpo_group_size must be >= 2, got {self.grpo_group_size}: GRPO compares each completion with the others of its prompt.")
         if self.code_timeout <= 0: raise ConfigError(f"code_timeout must be > 0 seconds, got {self.code_timeout}.")
         if self.grpo_beta < 0: raise ConfigError(f"grpo_beta must be >= 0, got {self.grpo_beta}.")
         if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}: GRPO needs sampled completions that differ.")
-        if self.rl_learning_rate is not None and not 0 < self.rl_learning_rate < 1:
-            raise ConfigError(f"rl_learning_rate must be in (0, 1), got {self.rl_learning_rate}.")
-        for k, allowed in (('loss_type', LOSS_TYPES), ('scale_rewards', SCALE_REWARDS), ('attn_implementation', ATTN_IMPLS)):
+        for k, allowed in (('loss_type', LOSS_TYPES), ('scale_rewards', SCALE_REWARDS)):
             if getattr(self, k) not in allowed: raise ConfigError(f"Unknown {k} {getattr(self, k)!r}.", expected=f"one of {', '.join(allowed)}")
         if self.rewards is not None:
             self.rewards = [self.rewards] if isinstance(self.rewards, str) else list(self.rewards)
@@ -269,12 +257,13 @@ class GRPOJob(JobConfig):
             if len(self.reward_weights) != n:
                 raise ConfigError(f"{len(self.reward_weights)} reward_weights for {n} rewards ({', '.join(self.reward_names())}).",
                                   fix="give one weight per reward, the reward model's last.")
-        ws, g = launch_info().world_size, self.grpo_group_size
-        total = self.batch_size * ws * self.grad_accum
+        ws, g, bs = launch_info().world_size, self.grpo_group_size, self.per_device_train_batch_size
+        total = bs * ws * self.gradient_accumulation_steps
         if total % g:
-            raise ConfigError(f"The global batch (batch_size {self.batch_size} x {ws} process(es) x grad_accum {self.grad_accum} = {total} completions) "
-                              f"is not a multiple of grpo_group_size {g}: every prompt's group of {g} completions must fit in one batch.",
-                              fix=f"use batch_size={g * math.ceil(self.batch_size / g)} (a multiple of {g}), or change grpo_group_size.")
+            raise ConfigError(f"The global batch (per_device_train_batch_size {bs} x {ws} process(es) x gradient_accumulation_steps "
+                              f"{self.gradient_accumulation_steps} = {total} completions) is not a multiple of grpo_group_size {g}: "
+                              f"every prompt's group of {g} completions must fit in one batch.",
+                              fix=f"use per_device_train_batch_size={g * math.ceil(bs / g)} (a multiple of {g}), or change grpo_group_size.")
         if self.init_from and self.model != 'tiny-gpt2':
             raise ConfigError(f"Both model={self.model!r} and init_from={self.init_from!r} say where to start.",
                               fix="give init_from (a previous run's folder) or model, not both.")
@@ -288,6 +277,11 @@ class GRPOJob(JobConfig):
         "What the policy is loaded from: init_from's run folder, or model."
         return self.init_from or self.model
 
+    def model_name(self) -> str:
+        "The model part of run names: a run folder's name without its date, a folder's name, or a hub id's last part."
+        p = Path(self.start_model())
+        return (p.name.split('_', 2)[-1] if self.init_from else p.name) if p.exists() else self.start_model().split('/')[-1]
+
     def data_name(self) -> str:
         "The data part of run names."
         if self.dataset in ('sample-arithmetic', 'sample-imdb'): return self.dataset
@@ -296,14 +290,9 @@ class GRPOJob(JobConfig):
 
     def run_name(self) -> str:
         if self.name: return self.name
-        src = self.start_model()
-        p = Path(src)
-        m = (p.name.split('_', 2)[-1] if self.init_from else p.name) if p.exists() else src.split('/')[-1]
-        beta = f"_beta{_fmt_num(self.grpo_beta)}" if self.grpo_beta else ''
-        return f"grpo_{m}_{self.data_name()}_g{self.grpo_group_size}{beta}_bs{self.batch_size * self.grad_accum}_steps{self.max_steps}"
-
-LOSS_TYPES = ('dapo', 'grpo', 'dr_grpo', 'bnpo')
-SCALE_REWARDS = ('group', 'batch', 'none')
+        beta = f"_beta{fmt_num(self.grpo_beta)}" if self.grpo_beta else ''
+        bs = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return f"grpo_{self.model_name()}_{self.data_name()}_g{self.grpo_group_size}{beta}_bs{bs}_{self.length_name()}"
 
 # %% ../nbs/08_grpo.ipynb #ab7ace59
 import contextlib
@@ -329,19 +318,19 @@ def cpu_sampling():
 
 # %% ../nbs/08_grpo.ipynb #897bc2ed
 from trl import GRPOTrainer
-from .packing import _inner_lm, _plain_head
+from .packing import inner_lm, plain_head
 
 class CompactGRPOTrainer(GRPOTrainer):
     "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position, and sampling with `cpu_sampling` on CPU."
     def _compact_ok(self, model, extra:dict, compute_aux_loss:bool) -> bool:
         if compute_aux_loss or any(v is not None for v in extra.values()): return False
         if getattr(self, '_compact', None) is None:
-            inner = _inner_lm(self.accelerator.unwrap_model(model))
+            inner = inner_lm(self.accelerator.unwrap_model(model))
             from llmwb.models import moe_info
             self._compact = not (
                 next(model.parameters()).device.type in ('cuda', 'xpu') or self.accelerator.num_processes > 1
                 or self.args.cast_lm_head_to_fp32 or moe_info(inner.config.get_text_config()).is_moe
-                or not _plain_head(inner))
+                or not plain_head(inner))
             import inspect
             self._takes_positions = 'position_ids' in inspect.signature(inner.base_model.forward).parameters
         return self._compact
@@ -356,7 +345,7 @@ class CompactGRPOTrainer(GRPOTrainer):
         if not self._compact_ok(model, extra, compute_aux_loss):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
                                                               compute_entropy, compute_aux_loss, **extra)
-        inner = _inner_lm(model)
+        inner = inner_lm(model)
         head = inner.get_output_embeddings()
         entropy_grad = getattr(self.args, 'entropy_coef', 0.0) != 0.0
         batch_size = batch_size or input_ids.size(0)
@@ -379,16 +368,14 @@ class CompactGRPOTrainer(GRPOTrainer):
                 ents.append(e.new_zeros(mask.shape).masked_scatter(mask, e))
         return torch.cat(logps), (torch.cat(ents) if compute_entropy else None), None
 
-# %% ../nbs/08_grpo.ipynb #c35891d3
+# %% ../nbs/08_grpo.ipynb #f3d2c3ab
 import functools
-from .core import MetricsLog, atomic_write, get_device, check_launch, pyplot, save_figure
-from .models import load_model, resolve_model_source, add_lora, merge_lora, trainable_summary
+from .core import pyplot, save_figure
+from .models import load_model, resolve_model_source, trainable_summary
 from .evaluation import generate_batched, score_generations
-from .core import open_run
 from .sandbox import require_sandbox
-from .sft import MetricsCallback, _precision, log_run_metadata, _score_line
 
-def _reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
+def reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
     "The reward callables of `job` for data of `spec`, and their names as logged."
     names = list(job.rewards) if job.rewards else ([] if job.reward_model else [TASK_REWARD[spec.task]])
     if job.run_tests and 'code' in names: require_sandbox()    # refused before training, never run unisolated
@@ -403,6 +390,7 @@ def _code_reward(job:GRPOJob):
     f.__name__ = 'code'
     return f
 
+# %% ../nbs/08_grpo.ipynb #dc8e3fb2
 def weighted_total(values:list, weights:list[float]) -> float|None:
     "A completion's reward as TRL sums it: the weighted sum of the rewards that apply (not None); None when none does."
     got = [(w, v) for w, v in zip(weights, values) if v is not None]
@@ -413,6 +401,7 @@ def _mean(xs:list) -> float|None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
+# %% ../nbs/08_grpo.ipynb #a88d4d79
 class SampleRecorder:
     "Wraps reward functions to keep the prompts, completions and rewards of the first and the latest generation batch."
     def __init__(self, names:list[str], weights:list[float]):
@@ -443,6 +432,7 @@ class SampleRecorder:
             out.append({'step': rec['step'], 'prompt': rec['prompts'][i], 'completions': comps})
         return out
 
+# %% ../nbs/08_grpo.ipynb #689be5db
 def evaluate_policy(model, tokenizer,       # the policy and its tokenizer
                     ds,                     # rl rows: prompt, answer, label, source (+ kept columns)
                     spec,                   # the rows' DatasetSpec
@@ -460,121 +450,140 @@ def evaluate_policy(model, tokenizer,       # the policy and its tokenizer
     res['samples'] = [dict(prompt_tail=r['prompt'][-70:], generated=g, reference=r['answer'], reward=t) for r, g, t in list(zip(rows, gens, totals))[:n_samples]]
     return res
 
-def _score(res:dict) -> float|None:
-    "The task's headline metric of an evaluate_policy result: exact match, or accuracy."
+def headline_score(res:dict) -> float|None:
+    "The task's headline metric of an `evaluate_policy` result: exact match, or accuracy."
     m = next(iter(res['per_source'].values()))
     return m.get('exact_match', m.get('accuracy', res.get('accuracy')))
 
-def train_grpo(job:GRPOJob,        # the job to run
-               quiet:bool=False,    # hide progress bars and prints
-               callbacks:list|None=None  # extra transformers TrainerCallbacks
-              ) -> RunResult:
-    "Run GRPO job `job`: load, score held-out prompts, train with TRL, score again, and record everything in its run folder."
-    from transformers.integrations import TensorBoardCallback
-    from transformers.trainer_callback import PrinterCallback
-    from torch.utils.tensorboard import SummaryWriter
-    from trl import GRPOConfig
-    t_start = time.time()
-    # 1. everything that can fail on bad input happens before the run folder exists
-    launch = launch_info()
-    device = check_launch(get_device(job.device), launch, job.multi_gpu)
-    precision = _precision(job, device)
-    start = job.start_model()
-    src = resolve_model_source(start)      # a run folder without a saved model fails here
+# %% ../nbs/08_grpo.ipynb #5d217bd0
+class GRPOData(NamedTuple):
+    "The prompts of a GRPO run, its rewards, and how many prompts were cut."
+    td: object
+    train: object
+    held: object
+    funcs: list
+    names: list
+    weights: list
+    n_cut: int
+    n_cut_eval: int
+
+def prepare_grpo_data(job:GRPOJob, tokenizer, device) -> GRPOData:
+    "The job's rl prompts (cut to max_prompt_length) and its reward functions with their names and weights."
     td = load_task(job.dataset, job.dataset_config or None, mode='rl', max_train=job.max_train_examples or None,
                    max_eval=job.max_eval_examples or None, seed=job.seed, data_dir=job.data_dir or None,
                    train_split=job.train_split or None, eval_split=job.eval_split or None)
-    lm = load_model(start, device=str(device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
-    if lm.is_seq2seq: raise ConfigError(f"GRPO trains causal LMs, and {start} is an encoder-decoder.", fix="start from a decoder-only model.")
-    funcs, names = _reward_funcs(job, td.spec, device)
-    weights = job.reward_weights or [1.0] * len(funcs)
-    train_ds, n_cut = limit_prompts(td.train, lm.tokenizer, job.max_prompt_length)
-    held_ds, n_cut_eval = limit_prompts(td.eval, lm.tokenizer, job.max_prompt_length)
-    model = add_lora(lm.model, job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_target_modules) if job.use_lora else lm.model
-    params = trainable_summary(model)
-    lr = job.rl_learning_rate or (2e-4 if _from_preset(src) else 1e-6)
-    ws = launch.world_size
-    facts = {'model': start, 'source': src.kind, **params, 'lora': job.use_lora, 'device': str(device),
-             'precision': dtype_name(get_dtype(job.dtype, device)), 'world_size': ws, 'data': td.spec.key, 'task': td.spec.task,
-             'n_train_prompts': len(train_ds), 'n_eval_prompts': len(held_ds), 'prompts_truncated': n_cut, 'eval_prompts_truncated': n_cut_eval,
-             'rewards': ', '.join(f"{n} x{w:g}" for n, w in zip(names, weights)), 'group_size': job.grpo_group_size,
-             'completions_per_step': job.batch_size * ws * job.grad_accum, 'prompts_per_step': job.batch_size * ws * job.grad_accum // job.grpo_group_size,
-             'lr': lr, 'beta': job.grpo_beta}
-    # 2. the run
-    run_dir = open_run(job, launch, None, device)
-    main = launch.is_main
-    mlog = MetricsLog(run_dir)
-    say = print if main and not quiet else (lambda *a: None)
-    try:
-        say(f"run folder: {run_dir}")
-        say(f"policy: {start} ({params['total_params']:,} params, {params['trainable_params']:,} trainable) on {device}")
-        say(f"prompts: {td.spec.key} ({td.spec.task}), {len(train_ds):,} train, {len(held_ds):,} held out; "
-            f"{n_cut} train and {n_cut_eval} held-out prompts cut to their last {job.max_prompt_length} tokens")
-        say(f"rewards: {facts['rewards']}; {facts['prompts_per_step']} prompts x {job.grpo_group_size} completions per step, lr {lr:g}")
-        if job.grpo_beta and not job.use_lora:
-            if src.kind == 'local': model.config._name_or_path = src.path   # TRL reloads the reference from here
-            elif main:
-                ref = run_dir/'reference_model'
-                lm.model.save_pretrained(ref); lm.tokenizer.save_pretrained(ref)
-                model.config._name_or_path = str(ref)
-            if launch.distributed:
-                import torch.distributed as dist
-                box = [model.config._name_or_path]; dist.broadcast_object_list(box, src=0); model.config._name_or_path = box[0]
-        evaluate = lambda: evaluate_policy(model, lm.tokenizer, held_ds, td.spec, funcs, names, weights, job.max_completion_length, job.eval_batch_size)
-        before = evaluate() if main else None
-        if main: say(f"held-out before: {_score_line(next(iter(before['per_source'].values())))}, mean reward {before['reward']:.3f}")
+    funcs, names = reward_funcs(job, td.spec, device)
+    train, n_cut = limit_prompts(td.train, tokenizer, job.max_prompt_length)
+    held, n_cut_eval = limit_prompts(td.eval, tokenizer, job.max_prompt_length)
+    return GRPOData(td, train, held, funcs, names, job.reward_weights or [1.0] * len(funcs), n_cut, n_cut_eval)
+
+def grpo_facts(job:GRPOJob, params:dict, pf:Preflight, src, data:GRPOData, lr:float) -> dict:
+    "The facts of a GRPO run, recorded when it starts."
+    per_step = job.per_device_train_batch_size * pf.launch.world_size * job.gradient_accumulation_steps
+    return {'model': job.start_model(), 'source': src.kind, **params, 'lora': job.use_lora, 'device': str(pf.device),
+            'precision': dtype_name(get_dtype(job.dtype, pf.device)), 'world_size': pf.launch.world_size, 'data': data.td.spec.key,
+            'task': data.td.spec.task, 'n_train_prompts': len(data.train), 'n_eval_prompts': len(data.held), 'prompts_truncated': data.n_cut,
+            'eval_prompts_truncated': data.n_cut_eval, 'rewards': ', '.join(f"{n} x{w:g}" for n, w in zip(data.names, data.weights)),
+            'group_size': job.grpo_group_size, 'completions_per_step': per_step, 'prompts_per_step': per_step // job.grpo_group_size,
+            'lr': lr, 'beta': job.grpo_beta}
+
+def keep_reference(job:GRPOJob, run:Run, lm, model, src):
+    "With grpo_beta > 0, point the policy's config at weights TRL can reload as the reference: its own folder, or a copy in the run."
+    if not job.grpo_beta or job.use_lora: return
+    if src.kind == 'local': model.config._name_or_path = src.path   # TRL reloads the reference from here
+    elif run.main:
+        ref = run.run_dir/'reference_model'
+        if not (ref/'config.json').exists(): lm.model.save_pretrained(ref); lm.tokenizer.save_pretrained(ref)
+        model.config._name_or_path = str(ref)
+    if run.launch.distributed:
+        import torch.distributed as dist
+        box = [model.config._name_or_path]; dist.broadcast_object_list(box, src=0); model.config._name_or_path = box[0]
+
+def build_grpo_trainer(job:GRPOJob, run:Run, model, tokenizer, data:GRPOData, rec:SampleRecorder, lr:float, pf:Preflight, callbacks:list):
+    "TRL's GRPOTrainer (through `CompactGRPOTrainer`) with the job's arguments, the recorded rewards and the bridge to the job's events."
+    from trl import GRPOConfig
+    args = GRPOConfig(**training_arguments(
+        job, run.run_dir, lr, pf, run.quiet, num_generations=job.grpo_group_size, max_completion_length=job.max_completion_length,
+        temperature=job.temperature, beta=job.grpo_beta, num_iterations=job.num_iterations, epsilon=job.epsilon, loss_type=job.loss_type,
+        scale_rewards=job.scale_rewards, reward_weights=data.weights, disable_dropout=job.disable_dropout, remove_unused_columns=False))
+    trainer = CompactGRPOTrainer(model=model, reward_funcs=[rec.wrap(f, n) for f, n in zip(data.funcs, data.names)], args=args,
+                                 train_dataset=data.train, processing_class=tokenizer, callbacks=[EventBridge(run), *callbacks])
+    quiet_trainer(trainer, run)
+    return trainer
+
+# %% ../nbs/08_grpo.ipynb #a8bb784e
+def _samples_md(groups:list[dict]) -> str:
+    return '\n\n'.join(f"**prompt** `{g['prompt'][-120:]!r}`\n\n" + '\n'.join(f"- ({c['reward']}) `{c['completion']!r}`" for c in g['completions']) for g in groups)
+
+def _held_out(run:Run, res:dict, when:str):
+    run.say(f"held-out {when}: {score_line(next(iter(res['per_source'].values())))}, mean reward {res['reward']:.3f}")
+
+def train_grpo(job:GRPOJob,        # the job to run
+               quiet:bool=False,    # hide progress bars and prints
+               callbacks:list|None=None  # llmwb Callbacks (the job's events) and/or transformers TrainerCallbacks
+              ) -> RunResult:
+    "Run GRPO job `job`: load, score held-out prompts, train with TRL, score again, and record everything in its run folder."
+    events, trainer_cbs = split_callbacks(callbacks)
+    with Run(job, events, quiet) as run:
+        with run.phase('data'):
+            pf = preflight(job)
+            start, resume = job.start_model(), pf.resume
+            src = resolve_model_source(start)      # a run folder without a saved model fails here
+            lm = load_model(start, device=str(pf.device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
+            if lm.is_seq2seq: raise ConfigError(f"GRPO trains causal LMs, and {start} is an encoder-decoder.", fix="start from a decoder-only model.")
+            data = prepare_grpo_data(job, lm.tokenizer, pf.device)
+            model = with_lora(lm.model, job)
+        params, lr = trainable_summary(model), job.learning_rate or (2e-4 if _from_preset(src) else 1e-6)
+        facts = grpo_facts(job, params, pf, src, data, lr)
+        run_dir = run.open(open_run(job, pf.launch, resume, pf.device), facts, resumed=resume is not None)
+        run.say(f"run folder: {run_dir}" + (f" (resuming from {resume.checkpoint.name})" if resume else ''))
+        run.say(f"policy: {start} ({params['total_params']:,} params, {params['trainable_params']:,} trainable) on {pf.device}")
+        run.say(f"prompts: {data.td.spec.key} ({data.td.spec.task}), {len(data.train):,} train, {len(data.held):,} held out; "
+                f"{data.n_cut} train and {data.n_cut_eval} held-out prompts cut to their last {job.max_prompt_length} tokens")
+        run.say(f"rewards: {facts['rewards']}; {facts['prompts_per_step']} prompts x {job.grpo_group_size} completions per step, lr {lr:g}")
+        keep_reference(job, run, lm, model, src)
+        evaluate = lambda: evaluate_policy(model, lm.tokenizer, data.held, data.td.spec, data.funcs, data.names, data.weights,
+                                           job.max_completion_length, job.per_device_eval_batch_size)
+        with run.phase('evaluate_before'):
+            before, saved = None, run_dir/'eval_before.json'
+            if run.main and resume and saved.exists(): before = json.loads(saved.read_text())
+            elif run.main:
+                before = evaluate()
+                atomic_write(saved, json.dumps(before, default=str))
+                run.log_eval(0, **{'heldout/reward': before['reward'] or 0.0})
+            if run.main: _held_out(run, before, 'before')
         set_seed(job.seed)
-        rec = SampleRecorder(names, weights)
-        args = GRPOConfig(
-            output_dir=str(run_dir/'checkpoints'), per_device_train_batch_size=job.batch_size, gradient_accumulation_steps=job.grad_accum,
-            num_generations=job.grpo_group_size, max_completion_length=job.max_completion_length, temperature=job.temperature,
-            beta=job.grpo_beta, num_iterations=job.num_iterations, epsilon=job.epsilon, loss_type=job.loss_type,
-            scale_rewards=job.scale_rewards, reward_weights=weights, disable_dropout=job.disable_dropout, learning_rate=lr, warmup_steps=job.rl_warmup_steps,
-            lr_scheduler_type=job.lr_scheduler, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm, max_steps=job.max_steps,
-            logging_steps=job.logging_steps, logging_first_step=True, save_strategy='no', report_to='none', seed=job.seed, data_seed=job.seed,
-            use_cpu=device.type == 'cpu', remove_unused_columns=False, disable_tqdm=quiet or not main,
-            ddp_find_unused_parameters=False if ws > 1 else None, **precision)
-        tb = SummaryWriter(str(run_dir/'tensorboard')) if main else None
-        cbs = [MetricsCallback(mlog)] + ([TensorBoardCallback(tb)] if main else []) + list(callbacks or [])
-        trainer = CompactGRPOTrainer(model=model, reward_funcs=[rec.wrap(f, n) for f, n in zip(funcs, names)], args=args,
-                                     train_dataset=train_ds, processing_class=lm.tokenizer, callbacks=cbs)
-        if quiet or not main: trainer.remove_callback(PrinterCallback)
-        if main:
-            log_run_metadata(tb, job, facts)
-            tb.add_scalar('heldout/reward', before['reward'] or 0.0, 0)
-        t0 = time.time()
-        out = trainer.train()
-        train_time = time.time() - t0
-        if not main: return RunResult(run_dir, {'status': 'completed', 'rank': launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
-        after = evaluate()
-        say(f"held-out after:  {_score_line(next(iter(after['per_source'].values())))}, mean reward {after['reward']:.3f}")
-        tb.add_scalar('heldout/reward', after['reward'] or 0.0, out.global_step)
-        samples = {'start': rec.samples('first', job.num_samples, job.grpo_group_size), 'end': rec.samples('last', job.num_samples, job.grpo_group_size)}
-        atomic_write(run_dir/'samples.json', json.dumps(samples, indent=1))
-        tb.add_text('samples/start', _samples_md(samples['start']), 0); tb.add_text('samples/end', _samples_md(samples['end']), out.global_step)
-        tb.close()
-        if job.save_model:
-            save = lambda m, sub: (m.save_pretrained(run_dir/sub), lm.tokenizer.save_pretrained(run_dir/sub))
-            if job.use_lora: save(model, 'adapter')
-            if job.use_lora and job.merge_lora: model = merge_lora(model)
-            if job.merge_lora or not job.use_lora: save(model, 'model')
-        records = mlog.read()
-        curves = reward_curves(records)
-        plot_rewards(records, names, run_dir/'plots'/'rewards.png', title=f"GRPO {start if not job.init_from else Path(start).name} on {td.spec.key}")
-        metrics = {'status': 'completed', 'steps': out.global_step, 'data': td.spec.key, 'task': td.spec.task,
-                   'score_before': _score(before), 'score_after': _score(after), 'reward_before': before['reward'], 'reward_after': after['reward'],
-                   'rewards_before': before['rewards'], 'rewards_after': after['rewards'], 'parse_rate_before': before['parse_rate'],
-                   'parse_rate_after': after['parse_rate'], **curves, 'train_loss': out.training_loss, 'lr': lr,
-                   'train_runtime_s': round(train_time, 2), 'steps_per_s': round(out.global_step / max(train_time, 1e-9), 3),
-                   'wall_time_s': round(time.time() - t_start, 2), **{k: facts[k] for k in ('prompts_truncated', 'eval_prompts_truncated',
-                   'n_train_prompts', 'n_eval_prompts', 'rewards', 'group_size', 'completions_per_step', 'prompts_per_step', 'precision', 'world_size')},
-                   **lm.summary(), **params, 'init_from': job.init_from or None, 'samples_after': after['samples']}
-        mlog.write_final(metrics)
-    except BaseException as e:
-        if main: mlog.write_final({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'wall_time_s': round(time.time() - t_start, 2)})
-        raise
+        rec = SampleRecorder(data.names, data.weights)
+        trainer = build_grpo_trainer(job, run, model, lm.tokenizer, data, rec, lr, pf, trainer_cbs)
+        with run.phase('train'):
+            t0 = time.time()
+            out = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
+            train_time = time.time() - t0
+        with run.phase('evaluate_after'):
+            if not run.main: return RunResult(run_dir, {'status': 'completed', 'rank': pf.launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
+            after = evaluate()
+            run.log_eval(out.global_step, **{'heldout/reward': after['reward'] or 0.0})
+            _held_out(run, after, 'after ')
+        with run.phase('save'):
+            samples = {'start': rec.samples('first', job.num_samples, job.grpo_group_size), 'end': rec.samples('last', job.num_samples, job.grpo_group_size)}
+            atomic_write(run_dir/'samples.json', json.dumps(samples, indent=1))
+            run.writer.add_text('samples/start', _samples_md(samples['start']), 0)
+            run.writer.add_text('samples/end', _samples_md(samples['end']), out.global_step)
+            model = save_outputs(run_dir, model, lm.tokenizer, job)
+            records = MetricsLog(run_dir).read()
+            plot_rewards(records, data.names, run_dir/'plots'/'rewards.png', title=f"GRPO {start if not job.init_from else Path(start).name} on {data.td.spec.key}")
+        metrics = run.end({
+            'steps': out.global_step, 'data': data.td.spec.key, 'task': data.td.spec.task,
+            'score_before': headline_score(before), 'score_after': headline_score(after), 'reward_before': before['reward'], 'reward_after': after['reward'],
+            'rewards_before': before['rewards'], 'rewards_after': after['rewards'], 'parse_rate_before': before['parse_rate'],
+            'parse_rate_after': after['parse_rate'], **reward_curves(records), **train_figures(out, run_dir, lr, train_time),
+            'wall_time_s': run.wall_time(), **{k: facts[k] for k in ('prompts_truncated', 'eval_prompts_truncated', 'n_train_prompts', 'n_eval_prompts',
+                                                                     'rewards', 'group_size', 'completions_per_step', 'prompts_per_step', 'precision', 'world_size')},
+            **lm.summary(), **params, 'init_from': job.init_from or None, 'resumed_from': str(resume.checkpoint) if resume else None,
+            'samples_after': after['samples']})
     return RunResult(run_dir, metrics, model, lm.tokenizer)
 
+# %% ../nbs/08_grpo.ipynb #6cf59229
 def _from_preset(src) -> bool:
     "Whether the policy is a preset, or a run's model that llmwb trained from one (a small model that takes a large learning rate)."
     if src.kind == 'preset': return True
@@ -592,9 +601,6 @@ def _from_preset_chain(run:Path) -> bool:
         if not m: return False
         run = Path(m).parent if Path(m).name == 'model' else Path(m)
     return False
-
-def _samples_md(groups:list[dict]) -> str:
-    return '\n\n'.join(f"**prompt** `{g['prompt'][-120:]!r}`\n\n" + '\n'.join(f"- ({c['reward']}) `{c['completion']!r}`" for c in g['completions']) for g in groups)
 
 def reward_curves(records:list[dict]) -> dict:
     "Mean logged reward over the first and the last 20% of the logged steps, and the gain."
@@ -620,45 +626,6 @@ def plot_rewards(records:list[dict], names:list[str], path=None, title:str=''):
         if pts: ax.plot(*zip(*pts), marker='.' if len(pts) < 40 else None)
         ax.set_xlabel('step'); ax.set_ylabel(lab); ax.grid(alpha=.3)
     if title: fig.suptitle(title)
-    fig.tight_layout()
-    if path: save_figure(fig, path)
-    plt.close(fig)
-    return fig
-
-# %% ../nbs/08_grpo.ipynb #63a0eb56
-def evaluate_stages(stages:dict,                      # stage name -> preset, model folder or run folder
-                    dataset:str='sample-arithmetic',  # a dataset with the rl mode
-                    dataset_config:str='',            # its config
-                    max_eval_examples:int=300,        # held-out prompts (0: all)
-                    max_new_tokens:int=32,            # tokens generated per prompt
-                    rewards:list|None=None,           # built-in rewards (None: the dataset's task)
-                    seed:int=42,                      # seed of the held-out sample (and of a preset's random weights)
-                    device:str='auto', data_dir:str='') -> list[dict]:
-    "One row per stage: its held-out greedy score (exact match or accuracy), mean reward, and parse rate."
-    job = GRPOJob(dataset=dataset, dataset_config=dataset_config, rewards=rewards, seed=seed, device=device, data_dir=data_dir)
-    td = load_task(dataset, dataset_config or None, mode='rl', max_train=1, max_eval=max_eval_examples or None, seed=seed,
-                   data_dir=data_dir or None)
-    rows = []
-    for stage, src in stages.items():
-        lm = load_model(str(src), device=device, dtype='fp32', seed=seed)
-        funcs, names = _reward_funcs(job, td.spec, lm.device)
-        held, _ = limit_prompts(td.eval, lm.tokenizer, job.max_prompt_length)
-        res = evaluate_policy(lm.model, lm.tokenizer, held, td.spec, funcs, names, None, max_new_tokens)
-        rows.append({'stage': stage, 'model': str(src), 'score': _score(res), 'reward': res['reward'], 'parse_rate': res['parse_rate'],
-                     'n': res['n'], 'sample': res['samples'][0]['generated']})
-    return rows
-
-def plot_stages(rows:list[dict], path=None, title:str='Held-out, greedy, after each stage', metric:str='exact match'):
-    "Bars of each stage's held-out score and mean reward."
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 3.5))
-    x = range(len(rows)); w = 0.38
-    for off, key, lab in ((-w / 2, 'score', metric), (w / 2, 'reward', 'mean reward')):
-        vals = [r[key] or 0 for r in rows]
-        bars = ax.bar([i + off for i in x], vals, w, label=lab)
-        for b, v in zip(bars, vals): ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha='center', va='bottom', fontsize=8)
-    ax.set_xticks(list(x)); ax.set_xticklabels([r['stage'] for r in rows]); ax.set_ylim(0, 1.05); ax.legend(fontsize=8); ax.grid(alpha=.3, axis='y')
-    ax.set_title(title)
     fig.tight_layout()
     if path: save_figure(fig, path)
     plt.close(fig)

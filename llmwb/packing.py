@@ -10,10 +10,11 @@ import torch
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['VARLEN_IMPLS', 'PACKED_SDPA', 'bfd_bins', 'PackingStats', 'pack_dataset', 'seq_lengths_from_boundaries',
-           'PackedCollator', 'segment_ids', 'block_causal_mask', 'packed_attention_mask', 'is_packed', 'segment_runs',
-           'varlen_sdpa_attention', 'flex_available', 'document_mask', 'enable_packed_attention',
-           'disable_packed_attention', 'contamination_gap', 'padding_efficiency', 'long_tailed_lengths']
+__all__ = ['VARLEN_IMPLS', 'PACKED_SDPA', 'bfd_bins', 'PackingStats', 'chunk_spans', 'pack_dataset',
+           'seq_lengths_from_boundaries', 'PackedCollator', 'segment_ids', 'block_causal_mask', 'packed_attention_mask',
+           'is_packed', 'segment_runs', 'varlen_sdpa_attention', 'flex_available', 'document_mask', 'inner_lm',
+           'plain_head', 'enable_packed_attention', 'disable_packed_attention', 'contamination_gap',
+           'padding_efficiency', 'long_tailed_lengths']
 
 # %% ../nbs/02_packing.ipynb #b90fa1f1
 def bfd_bins(lengths,            # the length of every item
@@ -58,7 +59,9 @@ class PackingStats:
         return (f"{self.n_examples:,} examples ({self.n_split:,} split) -> {self.n_rows:,} rows of {self.max_length}: "
                 f"{self.real_tokens:,} tokens in {self.slots:,} slots, efficiency {self.efficiency:.2%}")
 
-def _chunks(n:int, size:int) -> list[tuple[int, int]]: return [(s, min(s + size, n)) for s in range(0, n, size)]
+def chunk_spans(n:int, size:int) -> list[tuple[int, int]]:
+    "The [start, end) spans that cut `n` tokens into pieces of at most `size`: `chunk_spans(5, 2)` is [(0, 2), (2, 4), (4, 5)]."
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 def pack_dataset(ds,                          # a `datasets.Dataset` (or list of dicts) with tokenized `input_ids`
                  max_length:int,              # the row length
@@ -82,7 +85,7 @@ def pack_dataset(ds,                          # a `datasets.Dataset` (or list of
                 raise ConfigError(f"An example has {n} tokens, more than max_length={max_length}.",
                                   fix="raise max_length, or pack with split_long=True to split it into chunks.")
             n_split += 1
-        pieces += [{c: list(r[c][s:e]) for c in cols} for s, e in _chunks(n, max_length)]
+        pieces += [{c: list(r[c][s:e]) for c in cols} for s, e in chunk_spans(n, max_length)]
     lengths = [len(p['input_ids']) for p in pieces]
     out = {c: [] for c in cols} | {'seq_lengths': []}
     for b in bfd_bins(lengths, max_length):
@@ -243,20 +246,20 @@ def _flex_attention(query, key, value, block_mask, scaling=None) -> torch.Tensor
     return kernel(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa).transpose(1, 2).contiguous()
 
 # %% ../nbs/02_packing.ipynb #ffbc8a51
-def _inner_lm(model):
+def inner_lm(model):
     "The transformers model under a peft wrapper (LoRA layers injected in place), else the model itself."
     return model.get_base_model() if hasattr(model, 'get_base_model') else model
 
 _HEAD_SCALES = ('final_logit_softcapping', 'logit_scale', 'output_multiplier', 'lm_head_multiplier', 'logits_scaling')
 
-def _plain_head(inner) -> bool:
+def plain_head(inner) -> bool:
     "Whether the causal LM `inner` is a backbone plus an output projection with no logit scaling or softcapping."
     cfg = inner.config.get_text_config()
     return (hasattr(inner, 'base_model') and inner.get_output_embeddings() is not None
             and all(getattr(cfg, a, None) in (None, 1.0) for a in _HEAD_SCALES))
 
 def _backbone(model):
-    inner = _inner_lm(getattr(model, 'module', model))   # DDP wraps in .module
+    inner = inner_lm(getattr(model, 'module', model))   # DDP wraps in .module
     return inner, getattr(inner, 'base_model', inner)
 
 def _passes_kwargs(m) -> bool:

@@ -33,7 +33,8 @@ JOBS = {'sft': JobSpec('sft', 'llmwb.sft', 'SFTJob', 'train_sft', 'train_sft.ipy
         'lm': JobSpec('lm', 'llmwb.loop', 'LMJob', 'train_lm', 'train_lm.ipynb'),
         'grpo': JobSpec('grpo', 'llmwb.grpo', 'GRPOJob', 'train_grpo', 'train_grpo.ipynb'),
         'elis': JobSpec('elis', 'llmwb.elis', 'ELISJob', 'train_elis', 'train_elis.ipynb'),
-        'compressor': JobSpec('compressor', 'llmwb.compressor', 'CompressorJob', 'train_compressor', 'train_compressor.ipynb')}
+        'compressor': JobSpec('compressor', 'llmwb.compressor', 'CompressorJob', 'train_compressor', 'train_compressor.ipynb'),
+        'pipeline': JobSpec('pipeline', 'llmwb.pipeline', 'PipelineJob', 'run_pipeline', 'pipeline.ipynb')}
 
 def find_job(name:str) -> tuple[JobSpec, Path|None]:
     "The job for a short name (`sft`), a notebook name (`train_sft`) or a notebook path, and its notebook path."
@@ -51,9 +52,13 @@ def find_job(name:str) -> tuple[JobSpec, Path|None]:
 
 # %% ../nbs/11_runs.ipynb #76f58381
 def parse_value(v:str):
-    "Type a command-line value the way papermill's `-p` does."
-    from papermill.cli import _resolve_type
-    return _resolve_type(v)
+    "Type a command-line value the way papermill's `-p` does: True/False, None, an int, a float, else the string."
+    if v in ('True', 'False'): return v == 'True'
+    if v == 'None': return None
+    for tp in (int, float):
+        try: return tp(v)
+        except ValueError: pass
+    return v
 
 # %% ../nbs/11_runs.ipynb #78f41e64
 class JobFailed(LlmwbError):
@@ -68,12 +73,12 @@ def run_job_notebook(job:str,              # job name, notebook name or notebook
     import papermill as pm
     spec, nb = find_job(job)
     if nb is None: raise ConfigError(f"Notebook {spec.notebook} was not found.", fix="run from an llmwb checkout or pass the notebook's path.")
-    params = dict(params or {})
     cls, _ = spec.load()
+    params = cls.canonical(dict(params or {}))   # older names become the notebook's own (`lr` -> `learning_rate`)
     cfg = cls.from_dict(params)  # unknown names and bad values fail here, before anything is created
     resumed = cfg.continues_run()   # a resumed run goes on in its own folder, beside its earlier notebooks
-    run_dir = resumed or (Path(params['run_dir']) if params.get('run_dir') else free_run_dir(cfg.run_name()))
-    params['run_dir'] = str(run_dir)
+    run_dir = resumed or (Path(params['output_dir']) if params.get('output_dir') else free_run_dir(cfg.run_name()))
+    params['output_dir'] = str(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = run_dir.parent/f'.{run_dir.name}.{spec.notebook}'
     nb_name = spec.notebook
@@ -95,14 +100,21 @@ def run_job_notebook(job:str,              # job name, notebook name or notebook
     return run_dir
 
 # %% ../nbs/11_runs.ipynb #b3680295
-def show_checkpoints(run_dir) -> list[dict]:
-    "Print and return a run's checkpoints: step, val and train loss, time, and which is the best and which are damaged."
-    from llmwb.loop import list_checkpoints
+def show_checkpoints(run_dir,          # a run folder of any job
+                     deep:bool=True     # verify checksums / CRCs (False: sizes and headers only)
+                    ) -> list[dict]:
+    "Print and return a run's checkpoints: name, step, losses, time, which is the best, and which are damaged."
+    from llmwb.core import list_checkpoints, checkpoint_problem
     cks = list_checkpoints(run_dir)
+    if deep:
+        for c in cks:
+            if c['ok'] and (prob := checkpoint_problem(c['path'], deep=True)): c.update(ok=False, problem=prob)
     if not cks: print(f"{run_dir}: no checkpoints")
+    f = lambda v: '-' if v is None else f'{v:.4f}'
+    w = max((len(c['name']) for c in cks), default=0)
     for c in cks:
-        f = lambda v: '-' if v is None else f'{v:.4f}'
-        print(f"{Path(c['path']).name:14} step {c['step']:>8,}  val {f(c['val_loss']):>8}  train {f(c['train_loss']):>8}  {c['time'] or '':19}"
+        step = '-' if c['step'] is None else f"{c['step']:,}"
+        print(f"{c['name']:{w}}  step {step:>8}  val {f(c['val_loss']):>8}  train {f(c['train_loss']):>8}  {c['time'] or '':19}"
               f"{'  best' if c['best'] else ''}{'' if c['ok'] else '  DAMAGED: ' + c['problem']}")
     return cks
 
@@ -112,25 +124,33 @@ def _confirm(msg:str, yes:bool) -> bool:
         return input(f"{msg} [y/N] ").strip().lower() in ('y', 'yes')
     print(f"{msg}\nNot deleted: pass yes=True (--yes) to confirm."); return False
 
-def delete_checkpoint(path,            # a checkpoint folder (<run>/checkpoints/step_000400)
-                      yes:bool=False    # delete without asking
+def delete_checkpoint(path,            # a checkpoint (folder or file) of a run, or its name with `run_dir`
+                      yes:bool=False,   # delete without asking
+                      run_dir=None      # the run folder, when `path` is a checkpoint's name
                      ) -> bool:
-    "Delete one checkpoint after confirmation; returns whether it was deleted."
+    "Delete one checkpoint of any job after confirmation; returns whether it was deleted."
+    from llmwb.core import find_checkpoint
     p = Path(path).expanduser()
-    if not (p.is_dir() and p.name.startswith('step_') and ((p/'meta.json').exists() or (p/'model.safetensors').exists())):
-        raise ConfigError(f"{str(p)!r} is not an llmwb checkpoint folder.", expected="<run>/checkpoints/step_<N>/")
-    size = sum(f.stat().st_size for f in p.rglob('*') if f.is_file())
-    if not _confirm(f"Delete {p} ({size / 1e6:.1f} MB)?", yes): return False
-    shutil.rmtree(p); return True
+    rd = Path(run_dir).expanduser() if run_dir else next((q for q in list(p.parents)[:3] if (q/'config.json').exists()), None)
+    ck = find_checkpoint(rd, path) if rd is not None else None
+    if ck is None:
+        raise ConfigError(f"{str(path)!r} is not a checkpoint of an llmwb run.",
+                          expected="a checkpoint that `llmwb checkpoints RUN` lists (its path, or its name with the run folder)")
+    q = Path(ck['path'])
+    size = sum(f.stat().st_size for f in q.rglob('*') if f.is_file()) if q.is_dir() else q.stat().st_size
+    if not _confirm(f"Delete {q} ({size / 1e6:.1f} MB)?", yes): return False
+    shutil.rmtree(q) if q.is_dir() else q.unlink()
+    return True
 
 def orphans(root=None) -> list[Path]:
-    "What a killed run leaves behind under the runs folder: partial checkpoint folders, and run folders with logs but no config."
+    "What killed runs leave under the runs folder: partial checkpoints and temporary files, run folders with logs but no config, and the hidden notebooks of killed `llmwb run`s."
     from llmwb.core import runs_root
     root = Path(root).expanduser() if root else runs_root()
-    found = [p for p in root.glob('*/checkpoints/.tmp-*')] + [p for p in root.glob('*/checkpoints/.old-*')]
+    if not root.exists(): return []
+    found = [p for pat in ('*/checkpoints/.tmp-*', '*/checkpoints/.old-*', '*/.*.tmp', '*/*/.*.tmp', '.*.ipynb') for p in root.glob(pat)]
     found += [d for d in root.iterdir() if d.is_dir() and not d.name.startswith('.') and not (d/'config.json').exists()
-              and any((d/n).exists() for n in ('tensorboard', 'metrics.jsonl'))] if root.exists() else []
-    return sorted(found)
+              and any((d/n).exists() for n in ('tensorboard', 'metrics.jsonl'))]
+    return sorted(set(found))
 
 def clean_orphans(root=None, yes:bool=False) -> list[Path]:
     "Delete `orphans(root)` after confirmation; returns what was deleted."
@@ -143,15 +163,19 @@ def clean_orphans(root=None, yes:bool=False) -> list[Path]:
 
 # %% ../nbs/11_runs.ipynb #76c7ac1f
 def _job_parser(cls, prog):
-    from fastcore.docments import docments
-    docs, hints = docments(cls), typing.get_type_hints(cls)
+    "The job's command-line parser: one `--field` per field, with its older names as aliases, its comment and its default."
+    from llmwb.core import field_docs
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
     ap = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or '').strip(),
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    olds = {}
+    for old, new in cls.aliases().items(): olds.setdefault(new, []).append(old)
     for f in fields(cls):
         flag = hints[f.name] is bool   # a bare --flag means True; --flag False also works
-        ap.add_argument(f'--{f.name}', type=parse_value, default=f.default if f.default is not MISSING else None,
-                        help=docs.get(f.name) or ' ', metavar=getattr(hints[f.name], '__name__', 'VALUE').upper(),
-                        **(dict(nargs='?', const=True) if flag else {}))
+        kw = dict(type=parse_value, metavar=getattr(hints[f.name], '__name__', 'VALUE').upper(), **(dict(nargs='?', const=True) if flag else {}))
+        also = f" (also {', '.join('--' + o for o in olds.get(f.name, []))})" if f.name in olds else ''
+        ap.add_argument(f'--{f.name}', default=f.default if f.default is not MISSING else None, help=(docs.get(f.name) or '') + also or ' ', **kw)
+        for o in olds.get(f.name, []): ap.add_argument(f'--{o}', dest=o, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     return ap
 
 def multi_gpu_command(argv:list[str],     # the llmwb arguments, e.g. ['sft', '--multi_gpu', '--lr', '1e-4']
@@ -172,8 +196,8 @@ def main(argv:list[str]=None):
              "       llmwb jobs                                       list jobs and their notebooks\n"
              "       llmwb datasets                                   list the dataset catalogue\n"
              "       llmwb fixtures DIR [NAME]...                     write the offline dataset mirror (then LLMWB_DATA_DIR=DIR)\n"
-             "       llmwb checkpoints RUN [--delete NAME] [--yes]      list a run's checkpoints, or delete one\n"
-             "       llmwb clean [ROOT] [--yes]                       delete partial checkpoints and logs of runs that never started\n")
+             "       llmwb checkpoints RUN [--quick] [--delete NAME] [--yes]  list and verify a run's checkpoints (any job), or delete one\n"
+             "       llmwb clean [ROOT] [--yes]                       delete what killed runs left: partial checkpoints, temporary files and notebooks\n")
     if not argv or argv[0] in ('-h', '--help'): print(usage); return 0
     try:
         if argv[0] == 'jobs':
@@ -191,11 +215,12 @@ def main(argv:list[str]=None):
             return 0
         if argv[0] == 'checkpoints':
             ap = argparse.ArgumentParser(prog='llmwb checkpoints'); ap.add_argument('run'); ap.add_argument('--delete', default=None)
-            ap.add_argument('--yes', action='store_true'); a = ap.parse_args(argv[1:])
-            if a.delete:
-                p = Path(a.delete) if Path(a.delete).exists() else Path(a.run)/'checkpoints'/a.delete
-                return 0 if delete_checkpoint(p, a.yes) else 1
-            show_checkpoints(a.run); return 0
+            ap.add_argument('--yes', action='store_true'); ap.add_argument('--quick', action='store_true'); a = ap.parse_args(argv[1:])
+            if not (Path(a.run)/'config.json').exists():
+                raise ConfigError(f"{a.run!r} is not an llmwb run folder (no config.json).", fix="pass a folder under runs/.")
+            if a.delete: return 0 if delete_checkpoint(a.delete, a.yes, run_dir=a.run) else 1
+            cks = show_checkpoints(a.run, deep=not a.quick)
+            return 0 if all(c['ok'] for c in cks) else 1
         if argv[0] == 'clean':
             ap = argparse.ArgumentParser(prog='llmwb clean'); ap.add_argument('root', nargs='?'); ap.add_argument('--yes', action='store_true')
             a = ap.parse_args(argv[1:]); clean_orphans(a.root, a.yes); return 0
@@ -213,7 +238,7 @@ def main(argv:list[str]=None):
         spec, _ = find_job(argv[0])
         cls, fn = spec.load()
         ns = vars(_job_parser(cls, f'llmwb {spec.name}').parse_args(argv[1:]))
-        job = cls.from_dict(ns)
+        job = cls.from_dict(cls.prefer_given(ns))   # an alias given (--lr) wins over its field's default
         if getattr(job, 'multi_gpu', False) and 'WORLD_SIZE' not in os.environ:   # not yet launched: start one process per GPU
             return subprocess.call(multi_gpu_command(argv))
         res = fn(job)

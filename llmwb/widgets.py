@@ -6,7 +6,7 @@
 from __future__ import annotations
 import typing
 from dataclasses import fields
-from fastcore.docments import docments
+from .core import field_docs
 from .core import JobConfig, LlmwbError
 
 # %% auto #0
@@ -58,7 +58,7 @@ def config_form(job:JobConfig # the config the form edits in place
     "An ipywidgets form whose inputs edit `job` in place, each labelled with the field's comment."
     import ipywidgets as W
     pending = {}   # refused edits, retried with each later one: fields that only make sense together (a mixture's lists)
-    hints, docs = typing.get_type_hints(type(job)), docments(type(job))
+    hints, docs = typing.get_type_hints(type(job)), field_docs(type(job))
     rows = []
     form = W.VBox(layout=W.Layout(border='1px solid #ddd', padding='6px'))
     form.widgets_by_field, notes = {}, {}
