@@ -434,9 +434,10 @@ class JobConfig(metaclass=_JobMeta):
 
     @classmethod
     def prefer_given(cls, d:dict) -> dict:
-        "`d` without fields that only hold their default where an alias of them is set too (a papermill `-p lr` beside the notebook's `learning_rate`)."
+        "`d` without names that only hold the default where the other name of the field is set too: a papermill `-p lr` beside the notebook's `learning_rate`, or `-p learning_rate` beside an old notebook's `lr`."
         al, dflt = job_aliases(cls), cls.defaults()
-        drop = {al[k] for k in d if k in al and al[k] in d and d[al[k]] == dflt[al[k]]}
+        both = [(k, al[k]) for k in d if k in al and al[k] in d]
+        drop = {new for old, new in both if d[new] == dflt[new]} | {old for old, new in both if d[old] == dflt[new] != d[new]}
         return {k: v for k, v in d.items() if k not in drop}
 
     @classmethod
@@ -661,6 +662,7 @@ def scan_checkpoints(run_dir:str|Path,   # a run folder (or its checkpoints/ fol
     "Every checkpoint of a run folder in any of llmwb's layouts, oldest first, as records with the same keys."
     rd = Path(run_dir).expanduser()
     if rd.name == 'checkpoints' and root is None: rd, root = rd.parent, rd
+    elif root is None and not (rd/'checkpoints').is_dir() and any(rd.glob('step_*')): root = rd   # a loop's own checkpoint folder
     root = Path(root).expanduser() if root else rd/'checkpoints'
     cks = []
     for ck in root.glob('step_*'):   # the from-scratch loop

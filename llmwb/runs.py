@@ -105,6 +105,10 @@ def show_checkpoints(run_dir,          # a run folder of any job
                     ) -> list[dict]:
     "Print and return a run's checkpoints: name, step, losses, time, which is the best, and which are damaged."
     from llmwb.core import list_checkpoints, checkpoint_problem
+    try: job = json.loads((Path(run_dir).expanduser()/'config.json').read_text()).get('job')
+    except (OSError, json.JSONDecodeError): job = None
+    spec = next((s for s in JOBS.values() if s.config == job), None)
+    if spec: importlib.import_module(spec.module)   # registers the job class, which knows where its checkpoints are
     cks = list_checkpoints(run_dir)
     if deep:
         for c in cks:
@@ -174,7 +178,8 @@ def _job_parser(cls, prog):
         flag = hints[f.name] is bool   # a bare --flag means True; --flag False also works
         kw = dict(type=parse_value, metavar=getattr(hints[f.name], '__name__', 'VALUE').upper(), **(dict(nargs='?', const=True) if flag else {}))
         also = f" (also {', '.join('--' + o for o in olds.get(f.name, []))})" if f.name in olds else ''
-        ap.add_argument(f'--{f.name}', default=f.default if f.default is not MISSING else None, help=(docs.get(f.name) or '') + also or ' ', **kw)
+        doc = ((docs.get(f.name) or '') + also).replace('%', '%%') or ' '   # argparse formats help with %
+        ap.add_argument(f'--{f.name}', default=f.default if f.default is not MISSING else None, help=doc, **kw)
         for o in olds.get(f.name, []): ap.add_argument(f'--{o}', dest=o, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     return ap
 
