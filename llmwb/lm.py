@@ -267,13 +267,7 @@ def get_tokenizer(name:str='bytes'):
     from llmwb.models import load_tokenizer
     return load_tokenizer(name)
 
-# %% ../nbs/05_lm.ipynb #592bceef
-def _eos(tok) -> int:
-    for k in ('eos_token_id', 'sep_token_id'):
-        if getattr(tok, k, None) is not None: return int(getattr(tok, k))
-    raise ConfigError(f"Tokenizer {getattr(tok, 'name_or_path', tok)!r} has no EOS token to separate documents.",
-                      fix="use a tokenizer with an EOS token, or add one (tok.add_special_tokens({'eos_token': '</s>'})).")
-
+# %% ../nbs/05_lm.ipynb #bda978a8
 def token_file_meta(path) -> dict|None:
     "The sidecar metadata of token file `path` (None when it has none)."
     p = Path(str(path) + '.json')
@@ -290,15 +284,13 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     path = Path(path).expanduser()
     if path.suffix not in ('.bin', '.npy'): raise ConfigError(f"Token file {str(path)!r} must end in .bin or .npy.")
-    V, eos = len(tok), _eos(tok)
+    from llmwb.cache import tokenizer_eos_id, batch_encoder
+    V, eos = len(tok), tokenizer_eos_id(tok)
     dt = np.dtype('<u2') if V <= 2**16 else np.dtype('<u4')
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_name(f'.{path.name}.{os.getpid()}.part')
     n, mx, batch = 0, 0, []
-    if not isinstance(tok, ByteTokenizer):
-        from llmwb.cache import _encoder
-        enc = _encoder(tok)
-    else: enc = lambda ts: [tok.encode(t) for t in ts]
+    enc = batch_encoder(tok) if not isinstance(tok, ByteTokenizer) else lambda ts: [tok.encode(t) for t in ts]
     def flush(f, docs):
         nonlocal n, mx
         ids = enc(docs)
@@ -326,7 +318,7 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
         if raw.exists(): raw.unlink()
     return meta
 
-# %% ../nbs/05_lm.ipynb #0d323f46
+# %% ../nbs/05_lm.ipynb #b2d72081
 class CacheTokens:
     "The token stream of an LZ4 packed-sequence cache (`llmwb.cache`), decoded into memory; `refresh()` picks up growth."
     def __init__(self, cache_dir):
@@ -343,7 +335,7 @@ class CacheTokens:
         keep = len(self._parts)
         while keep and (keep > len(full) or self._parts[keep - 1][1] != full[keep - 1]): keep -= 1   # re-read changed shards
         self._parts = self._parts[:keep]
-        for k in range(keep, pc.n_shards): self._parts.append((pc._load(k).reshape(-1), full[k]))
+        for k in range(keep, pc.n_shards): self._parts.append((pc.shard_tokens(k), full[k]))
         if len(self._parts) != keep or len(self.tokens) != sum(a.size for a, _ in self._parts):
             self.tokens = np.concatenate([a for a, _ in self._parts]) if self._parts else np.empty(0, pc.dtype)
         return len(self.tokens) - before

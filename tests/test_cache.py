@@ -175,7 +175,9 @@ def test_job_notebook_runs_and_records(runs_dir, tmp_path, monkeypatch):
     assert m['compression_ratio'] > 1 and m['bytes_on_disk'] < m['raw_bytes'] and m['seq_per_s'] > 0
     assert Path(m['cache_dir']) == tmp_path/'caches'/'sample-imdb_tiny-gpt2_L128'
     for f in ('config.json', 'config.txt', 'metrics.jsonl', 'plots/build.png'): assert (run/f).exists(), f
-    assert len((run/'metrics.jsonl').read_text().splitlines()) == 3
+    lines = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    assert [l['step'] for l in lines if 'sequences' in l] == [0, 1, 2]          # one line per shard,
+    assert lines[-1] == {'step': 2, 'verified': True, 'shards_checked': 3, 'shards_bad': 0}   # then the verification
     assert 'verify: ok' in (tmp_path/'out.ipynb').read_text()
     r = run_build_cache(CacheJob(seq_len=128, target_sequences=400, name='grow'), quiet=True)   # a script, the same cache
     assert (r['sequences'], r['new_shards'], r['cache_dir']) == (400, 2, m['cache_dir'])   # the short shard refilled, one more

@@ -10,9 +10,9 @@ from llmwb.lm import tokenize_to_file
 from llmwb.core import ConfigError, DatasetError
 from conftest import ROOT, NBS, run_cli
 
-TINY = dict(d_model=32, num_layers=2, num_heads=2, context_length=32, batch_size=8, max_iters=40, warmup_iters=4,
-            eval_interval=10, eval_batches=2, checkpoint_interval=5, log_interval=1, val_tokens=4096, num_threads=1,
-            sample_tokens=0, keep_last=0, dtype='fp32')
+TINY = dict(d_model=32, num_layers=2, num_heads=2, context_length=32, per_device_train_batch_size=8, max_steps=40, warmup_steps=4,
+            eval_steps=10, eval_batches=2, save_steps=5, logging_steps=1, val_tokens=4096, num_threads=1,
+            sample_tokens=0, save_total_limit=0, dtype='fp32')
 
 @pytest.fixture
 def env(tmp_path, monkeypatch, runs_dir):
@@ -22,9 +22,9 @@ def env(tmp_path, monkeypatch, runs_dir):
 def _flags(d): return [a for k, v in d.items() for a in (f'--{k}', str(v))]
 
 def test_sigkill_at_an_arbitrary_step_then_resume_gives_the_same_weights(env, runs_dir):
-    ref = train_lm(LMJob(**TINY, run_dir=str(runs_dir/'ref')), quiet=True)   # uninterrupted (and tokenizes the corpus once)
+    ref = train_lm(LMJob(**TINY, output_dir=str(runs_dir/'ref')), quiet=True)   # uninterrupted (and tokenizes the corpus once)
     run = runs_dir/'killed'
-    cmd = [sys.executable, '-m', 'llmwb.runs', 'lm', *_flags(TINY), '--run_dir', str(run)]
+    cmd = [sys.executable, '-m', 'llmwb.runs', 'lm', *_flags(TINY), '--output_dir', str(run)]
     p = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     log, t0 = run/'metrics.jsonl', time.time()
     while time.time() - t0 < 120:   # kill between two checkpoints, mid-run
@@ -34,7 +34,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_gives_the_same_weights(env, ru
     os.kill(p.pid, signal.SIGKILL); p.wait()
     steps = [c['step'] for c in list_checkpoints(run)]
     assert steps and max(steps) < 40, steps
-    r = subprocess.run([*cmd, '--resume', 'latest'], env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run([*cmd, '--resume_from_checkpoint', 'latest'], env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run/'metrics.json').read_text())
     assert m['resumed_from'] == max(steps) and m['steps'] == 40
@@ -43,17 +43,23 @@ def test_sigkill_at_an_arbitrary_step_then_resume_gives_the_same_weights(env, ru
     logged = [json.loads(l)['step'] for l in (run/'metrics.jsonl').read_text().splitlines() if 'loss' in json.loads(l)]
     assert logged == list(range(1, 41))   # the lines logged after the checkpoint and before the kill are not doubled
 
+ORIGINAL_FLAGS = ('train_data', 'val_data', 'vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta',
+                  'batch_size', 'learning_rate', 'min_learning_rate', 'weight_decay', 'warmup_iters', 'max_iters', 'gradient_clip_val',
+                  'eval_interval', 'log_interval', 'checkpoint_interval', 'checkpoint_path', 'resume', 'device')
+
 def test_console_script_has_every_flag_of_the_original_cli():
+    "Every flag of the original trainer is a field of LMJob or an alias of one, and the command's --help lists the fields."
+    fields = {f.name for f in dataclasses.fields(LMJob)}
+    assert all(f in fields or LMJob.aliases().get(f) in fields for f in ORIGINAL_FLAGS)
+    assert LMJob(max_iters=7, checkpoint_interval=2, resume='latest').to_dict() == LMJob(max_steps=7, save_steps=2, resume_from_checkpoint='latest').to_dict()
     r = run_cli('lm', '--help')
     assert r.returncode == 0
-    for f in ('train_data', 'val_data', 'vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta',
-              'batch_size', 'learning_rate', 'min_learning_rate', 'weight_decay', 'warmup_iters', 'max_iters', 'gradient_clip_val',
-              'eval_interval', 'log_interval', 'checkpoint_interval', 'checkpoint_path', 'resume', 'device'):
-        assert f'--{f}' in r.stdout, f
+    for f in ORIGINAL_FLAGS:
+        assert f'--{LMJob.aliases().get(f, f)}' in r.stdout, f
 
 def test_clear_errors(env, tmp_path, runs_dir, capsys):
     tokenize_to_file(['some text ' * 50] * 4, tmp_path/'small.bin', 'bytes', progress=False)
-    ok = dict(TINY, train_data=str(tmp_path/'small.bin'), val_tokens=64, max_iters=2)
+    ok = dict(TINY, train_data=str(tmp_path/'small.bin'), val_tokens=64, max_steps=2)
     # ids beyond vocab_size
     with pytest.raises(DatasetError, match='holds token id 256.*vocab_size is 100'): train_lm(LMJob(**{**ok, 'vocab_size': 100}), quiet=True)
     # a context longer than the data
@@ -63,9 +69,9 @@ def test_clear_errors(env, tmp_path, runs_dir, capsys):
     assert 'd_model=100 is not divisible by num_heads=3' in capsys.readouterr().err
     assert not any(runs_dir.iterdir())   # nothing was written for any of them
     # resuming with another model
-    train_lm(LMJob(**ok, run_dir=str(runs_dir/'a')), quiet=True)
-    with pytest.raises(ConfigError, match='num_layers=2 there, 3 here'):
-        train_lm(LMJob(**{**ok, 'num_layers': 3}, run_dir=str(runs_dir/'a'), resume='latest'), quiet=True)
+    train_lm(LMJob(**ok, output_dir=str(runs_dir/'a')), quiet=True)
+    with pytest.raises(ConfigError, match=r'different num_layers \(2, now 3\)'):
+        train_lm(LMJob(**{**ok, 'num_layers': 3}, output_dir=str(runs_dir/'a'), resume_from_checkpoint='latest'), quiet=True)
 
 def _params_cell(nb):
     cells = json.loads(nb.read_text())['cells']
