@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write, hub_reachable, looks_like_path
 
 # %% auto #0
-__all__ = ['ARITHMETIC_CONFIGS', 'DATA_DIR_ENV', 'make_sample_imdb', 'save_sample_imdb', 'make_sample_arithmetic',
+__all__ = ['ARITHMETIC_CONFIGS', 'DATA_SUFFIXES', 'DATA_DIR_ENV', 'copula_sentence', 'phrase_sentence', 'contrast_sentence',
+           'neutral_sentence', 'make_review', 'make_sample_imdb', 'save_sample_imdb', 'make_sample_arithmetic',
            'sample_arithmetic', 'mirror_path', 'load_raw_dataset']
 
 # %% ../nbs/01_data.ipynb #f263fcbc
@@ -78,7 +79,7 @@ _WHERE = ['at home on a rainy Sunday', 'on a long flight', 'in a small cinema do
           'on television last night', 'at a festival', 'with my parents', 'on my laptop', "at a friend's place"]
 _CITIES = ['Chicago', 'Lisbon', 'Cairo', 'Tokyo', 'Montreal', 'Oslo', 'Naples', 'Seoul', 'Dublin', 'Marseille']
 
-# %% ../nbs/01_data.ipynb #3635af9b
+# %% ../nbs/01_data.ipynb #243acec3
 def _cap(s): return s[0].upper() + s[1:]
 
 def _predicate(rng, pol, negate, be):
@@ -87,38 +88,53 @@ def _predicate(rng, pol, negate, be):
     pre = rng.choice(_NEGATORS).format(be=be) if negate else be + ' ' + rng.choice(_INTENS)
     return pre + rng.choice(adjs)
 
-def _sent_copula(rng, pol, negate):
+# %% ../nbs/01_data.ipynb #88bfb5ab
+def copula_sentence(rng:random.Random, # the sample's generator
+                    pol:int,            # the sentiment stated: 1 positive, -1 negative
+                    negate:bool         # state it by negating a word of the opposite polarity
+                   ) -> str:
+    "A sentence saying an aspect of the film was good or bad: 'The pacing was superb.', 'The plot was not dull.'"
     tpl, be = rng.choice(_COPULA)
     a = rng.choice(_ASPECTS)
     return tpl.format(A=_cap(a), a=a, x=_predicate(rng, pol, negate, be))
 
-def _sent_phrase(rng, pol, negate):
+# %% ../nbs/01_data.ipynb #2d29f274
+def phrase_sentence(rng:random.Random, pol:int, negate:bool) -> str:
+    "A verb-phrase sentence of polarity `pol`, plain or negated: 'I regret watching it.', 'I did not hate the ending.'"
     _, plain, neg = rng.choice([p for p in _PHRASES if (p[0] == pol) != negate])
     return (neg if negate else plain).format(a=rng.choice(_ASPECTS))
 
-def _sent_contrast(rng, pol, negate):
+# %% ../nbs/01_data.ipynb #62e460ea
+def contrast_sentence(rng:random.Random, pol:int, negate:bool) -> str:
+    "Two clauses, the first of the opposite polarity, the second (plain or negated) of polarity `pol`: 'The score was dull, but the story was wonderful.'"
     c1 = rng.choice(_ASPECTS) + ' ' + _predicate(rng, -pol, False, 'was')
     c2 = rng.choice(_ASPECTS) + ' ' + _predicate(rng, pol, negate, 'was')
     return rng.choice(_CONTRAST).format(c1=c1, C1=_cap(c1), c2=c2)
 
-def _sent_neutral(rng):
+# %% ../nbs/01_data.ipynb #b920b3f1
+def neutral_sentence(rng:random.Random) -> str:
+    "A sentence with no sentiment and no negation: 'It runs about 112 minutes.', 'It stars Lena Park and Omar Haddad.'"
     n1, n2 = rng.sample(_NAMES, 2)
     return rng.choice(_NEUTRAL).format(p=rng.choice(_PLOTS), n1=n1, n2=n2, m=rng.randint(80, 170),
                                        y=rng.randint(1950, 2023), w=rng.choice(_WHERE), c=rng.choice(_CITIES))
 
+# %% ../nbs/01_data.ipynb #30fd9ea5
 _P_NEGATED, _P_CONTRAST = 0.3, 0.4
 
-def _review(rng:random.Random, label:int) -> tuple[str, bool]:
+def make_review(rng:random.Random, # the sample's generator
+                label:int           # 1 positive, 0 negative
+               ) -> tuple[str, bool]:
     "One review with `label`, and whether it carries its sentiment through negation."
     pol, negated = (1 if label else -1), rng.random() < _P_NEGATED
     kinds = rng.choices(['copula', 'phrase'], [0.7, 0.3], k=rng.randint(2, 3))
     if len(kinds) == 3 and rng.random() < _P_CONTRAST: kinds[2] = 'contrast'   # a contrast comes with two other sentiment sentences
-    sents = [{'copula': _sent_copula, 'phrase': _sent_phrase, 'contrast': _sent_contrast}[k](rng, pol, negated) for k in kinds]
-    sents += [_sent_neutral(rng) for _ in range(rng.randint(1, 2))]
-    while len(' '.join(sents).split()) < 24 and len(sents) < 6: sents.append(_sent_neutral(rng))
+    sents = [{'copula': copula_sentence, 'phrase': phrase_sentence, 'contrast': contrast_sentence}[k](rng, pol, negated) for k in kinds]
+    sents += [neutral_sentence(rng) for _ in range(rng.randint(1, 2))]
+    while len(' '.join(sents).split()) < 24 and len(sents) < 6: sents.append(neutral_sentence(rng))
     rng.shuffle(sents)
     return ' '.join(sents), negated
 
+# %% ../nbs/01_data.ipynb #85fa7bae
 def _sample_reviews(n_train:int, n_test:int, seed:int) -> dict:
     "{'train': [...], 'test': [...]} of dicts with text, label and negated; balanced, no review repeated."
     rng, seen, out = random.Random(seed), set(), {}
@@ -127,8 +143,8 @@ def _sample_reviews(n_train:int, n_test:int, seed:int) -> dict:
         rng.shuffle(labels)
         rows = []
         for lab in labels:
-            text, negated = _review(rng, lab)
-            while text in seen: text, negated = _review(rng, lab)
+            text, negated = make_review(rng, lab)
+            while text in seen: text, negated = make_review(rng, lab)
             seen.add(text); rows.append(dict(text=text, label=lab, negated=negated))
         out[split] = rows
     return out
@@ -216,8 +232,10 @@ def sample_arithmetic(config:str|None=None) -> DatasetDict:
         raise DatasetError(f"sample-arithmetic has no config {c!r}.", expected=f"one of {', '.join(ARITHMETIC_CONFIGS)} (or none, for clean)")
     return make_sample_arithmetic(slip_rate=ARITHMETIC_CONFIGS[c])
 
+# %% ../nbs/01_data.ipynb #4558e848
+DATA_SUFFIXES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet'}   # data-file suffix -> datasets builder
+
 # %% ../nbs/01_data.ipynb #3603767e
-_DATA_SUFFIXES = {'.json': 'json', '.jsonl': 'json', '.csv': 'csv', '.parquet': 'parquet'}
 _ACCEPTED = ("a catalogue name (`llmwb datasets`), 'sample-imdb', a hub id such as 'stanfordnlp/imdb', a folder written by save_to_disk, "
              "a folder of .json/.jsonl/.csv/.parquet files (one split per file), or one such file")
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$')
@@ -239,7 +257,7 @@ def _load_files(files:dict, where:str) -> DatasetDict:
         if all(_is_empty_file(f) for f in fs): raise empty(split, fs)
     out = {}
     for split, fs in files.items():
-        kinds = {_DATA_SUFFIXES[f.suffix.lower()] for f in fs}
+        kinds = {DATA_SUFFIXES[f.suffix.lower()] for f in fs}
         if len(kinds) > 1: raise DatasetError(f"Split {split!r} in {where} mixes file types: {sorted(str(f) for f in fs)}.",
                                               expected="one file type per split", fix="convert them to one format.")
         try: out[split] = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in fs], split='train')
@@ -247,7 +265,7 @@ def _load_files(files:dict, where:str) -> DatasetDict:
             if isinstance(e, StopIteration) or 'corresponds to no data' in str(e):
                 raise empty(split, fs) from None
             raise DatasetError(f"Could not read {', '.join(str(f) for f in fs)}: {e}",
-                               expected=f"valid {'/'.join(sorted(set(_DATA_SUFFIXES)))} data") from e
+                               expected=f"valid {'/'.join(sorted(set(DATA_SUFFIXES)))} data") from e
         except Exception as e:
             raise DatasetError(f"Could not read {', '.join(str(f) for f in fs)}: {type(e).__name__}: {e}",
                                expected="valid json lines, csv with a header row, or parquet") from e
@@ -259,11 +277,11 @@ def _load_local(p:Path) -> DatasetDict:
         ds = datasets.load_from_disk(str(p))
         return ds if isinstance(ds, DatasetDict) else DatasetDict({'train': ds})
     if p.is_file():
-        if p.suffix.lower() not in _DATA_SUFFIXES: raise DatasetError(
+        if p.suffix.lower() not in DATA_SUFFIXES: raise DatasetError(
             f"Cannot read {p}: the file type {p.suffix or '(none)'} is not a data format llmwb reads.", expected=_ACCEPTED)
         return _load_files({'train': [p]}, str(p))
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _DATA_SUFFIXES)
-    if not files: files = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in _DATA_SUFFIXES)
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+    if not files: files = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
     if not files: raise DatasetNotFoundError(f"The folder {p} holds no dataset: no save_to_disk files and no data files.",
                                              expected=_ACCEPTED, fix="point at the folder or file that holds the data.")
     groups = {}
@@ -366,7 +384,7 @@ def load_raw_dataset(source:str|Path|Dataset|DatasetDict,  # 'sample-imdb', a lo
         elif p.exists():
             dd = (_load_repo(str(p), where, config=config, split=split, streaming=streaming, max_examples=max_examples, subdir=subdir)
                   if p.is_dir() and (config or subdir or (p/'README.md').exists()) and not (p/'dataset_dict.json').exists() else _load_local(p))
-        elif looks_like_path(s, _DATA_SUFFIXES): raise DatasetNotFoundError(f"No dataset at {s!r}: the path does not exist.",
+        elif looks_like_path(s, DATA_SUFFIXES): raise DatasetNotFoundError(f"No dataset at {s!r}: the path does not exist.",
                                                              expected=_ACCEPTED, fix="check the path (relative paths start at the current folder, "
                                                              f"{os.getcwd()}), or use 'sample-imdb'.")
         elif _HUB_ID.match(s): dd = _load_hub(s, config, split, streaming, revision, max_examples, data_dir, subdir)

@@ -11,7 +11,7 @@ import datasets
 from datasets import Dataset, Features, Value, ClassLabel, Sequence
 
 from .core import ConfigError
-from .data import make_sample_imdb, _review, _sent_copula, _sent_phrase, _sent_contrast, _sent_neutral
+from .data import make_sample_imdb, make_review, copula_sentence, phrase_sentence, contrast_sentence, neutral_sentence
 from .registry import REGISTRY, get_spec
 
 # %% auto #0
@@ -42,13 +42,13 @@ def _gen(n:int, make, seed:int) -> list[dict]:
 
 def _sst2_sentence(rng, label):
     pol, negate = (1 if label else -1), rng.random() < 0.3
-    f = rng.choices([_sent_copula, _sent_phrase, _sent_contrast], [0.5, 0.3, 0.2])[0]
+    f = rng.choices([copula_sentence, phrase_sentence, contrast_sentence], [0.5, 0.3, 0.2])[0]
     return f(rng, pol, negate).lower().rstrip('.') + ' '
 
 def _imdb():
     d = make_sample_imdb()
     f = {'text': S, 'label': ClassLabel(names=['neg', 'pos'])}
-    unsup = _gen(40, lambda i, r: {'text': _review(r, i % 2)[0], 'label': -1}, 7)
+    unsup = _gen(40, lambda i, r: {'text': make_review(r, i % 2)[0], 'label': -1}, 7)
     return {'plain_text': {'plain_text/train-00000-of-00001.parquet': d['train'].cast(Features(f)),
                            'plain_text/test-00000-of-00001.parquet': d['test'].cast(Features(f)),
                            'plain_text/unsupervised-00000-of-00001.parquet': _ds(unsup, f)}}
@@ -64,11 +64,11 @@ def _glue_row(cfg, i, rng, split):
     lab = -1 if split.startswith('test') else i % k
     if cfg == 'sst2': return {'sentence': _sst2_sentence(rng, max(lab, 0) if lab >= 0 else rng.randint(0, 1)), 'label': lab, 'idx': i}
     if cfg == 'cola':
-        s = _sent_neutral(rng)
+        s = neutral_sentence(rng)
         if lab == 0: w = s.split(); w[1], w[-1] = w[-1], w[1]; s = ' '.join(w)   # scrambled word order
         return {'sentence': s, 'label': lab, 'idx': i}
-    a = _sent_neutral(rng)
-    b = a if lab != 0 or cfg in ('mnli', 'qnli', 'rte') else _sent_neutral(rng)
+    a = neutral_sentence(rng)
+    b = a if lab != 0 or cfg in ('mnli', 'qnli', 'rte') else neutral_sentence(rng)
     if cfg == 'qnli': a = 'Who ' + a.split(' ', 2)[-1].rstrip('.') + '?'
     if cfg == 'qqp': a, b = 'How long ' + a.lower().rstrip('.') + '?', 'How long ' + b.lower().rstrip('.') + '?'
     c1, c2 = _PAIR[cfg]
@@ -237,12 +237,12 @@ def _news():
 def _common_corpus():
     cols = ('identifier', 'collection', 'open_type', 'license', 'date', 'title', 'creator', 'language', 'language_type', 'text')
     row = lambda i, r: {**{c: '' for c in cols}, 'identifier': f'cc{i}', 'collection': 'fixture', 'language': 'English',
-                        'text': ' '.join(_sent_neutral(r) for _ in range(3)), 'word_count': 30, 'token_count': 40}
+                        'text': ' '.join(neutral_sentence(r) for _ in range(3)), 'word_count': 30, 'token_count': 40}
     return {None: {f'final_set_published_simple/set_{k}/part_0.parquet': _ds(_gen(20, row, k), {**{c: S for c in cols}, 'word_count': I, 'token_count': I})
                    for k in (1, 2)}}
 
 def _bookcorpus():
-    return {'plain_text': {'plain_text/train/0000.parquet': _ds(_gen(60, lambda i, r: {'text': _sent_neutral(r).lower()}, 5), {'text': S})}}
+    return {'plain_text': {'plain_text/train/0000.parquet': _ds(_gen(60, lambda i, r: {'text': neutral_sentence(r).lower()}, 5), {'text': S})}}
 
 def _owm():
     row = lambda i, r: {'url': f'https://math.example/{i}', 'text': f"Let $x = {r.randint(2, 9)}$. Then $x^2 = {r.randint(4, 81)}$ and the sum is finite.",
@@ -254,7 +254,7 @@ def _wikitext():
         out = []
         r = random.Random(seed)
         for _ in range(n):
-            out += [{'text': ''}, {'text': f' = {r.choice(_CITY_TITLES)} = \n'}, {'text': ''}, {'text': ' ' + ' '.join(_sent_neutral(r) for _ in range(3)) + ' \n'}]
+            out += [{'text': ''}, {'text': f' = {r.choice(_CITY_TITLES)} = \n'}, {'text': ''}, {'text': ' ' + ' '.join(neutral_sentence(r) for _ in range(3)) + ' \n'}]
         return out
     return {cfg: {f'{cfg}/{sp}-00000-of-00001.parquet': _ds(rows(n, k), {'text': S}) for k, (sp, n) in enumerate([('train', 20), ('validation', 5), ('test', 5)])}
             for cfg in ('wikitext-2-raw-v1', 'wikitext-103-raw-v1')}

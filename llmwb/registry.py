@@ -13,13 +13,13 @@ import datasets
 from datasets import Dataset, DatasetDict
 
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, looks_like_path
-from .data import load_raw_dataset, make_sample_imdb, sample_arithmetic, ARITHMETIC_CONFIGS, _DATA_SUFFIXES
+from .data import load_raw_dataset, make_sample_imdb, sample_arithmetic, ARITHMETIC_CONFIGS, DATA_SUFFIXES
 
 # %% auto #0
 __all__ = ['TASK_TYPES', 'MODES', 'LETTERS', 'REGISTRY', 'MMLU_SUBJECTS', 'MATH_MODULES', 'MODE_COLUMNS',
            'DEFAULT_STREAM_EXAMPLES', 'SAMPLE_ARITHMETIC', 'DatasetSpec', 'label_id', 'harmonize', 'register_dataset',
            'unregister_dataset', 'get_spec', 'gsm8k_answer', 'fiqa_sentiment', 'list_datasets', 'format_dataset',
-           'detect_task', 'TaskData', 'resolve_dataset', 'load_task']
+           'detect_task', 'pick_split', 'TaskData', 'resolve_dataset', 'load_task']
 
 # %% ../nbs/01a_registry.ipynb #5374d6dc
 TASK_TYPES = ('classification', 'multiple_choice', 'qa', 'math', 'code', 'pretraining')
@@ -445,7 +445,7 @@ def detect_task(ds:Dataset,      # some raw rows of the dataset
                 name:str,        # what the dataset is called (a hub id or a path)
                ) -> DatasetSpec:
     "A spec for an unregistered dataset, from its columns."
-    cols, tag = set(ds.column_names), re.sub(r'\W+', '_', Path(str(name)).stem if looks_like_path(str(name), _DATA_SUFFIXES) else str(name).split('/')[-1]).strip('_').lower() or 'data'
+    cols, tag = set(ds.column_names), re.sub(r'\W+', '_', Path(str(name)).stem if looks_like_path(str(name), DATA_SUFFIXES) else str(name).split('/')[-1]).strip('_').lower() or 'data'
     base = dict(name=tag, hf_id=str(name))
     if {'prompt', 'completion'} <= cols:
         return DatasetSpec(**base, task='qa', answer_col='completion', template='{prompt}', row_fn=lambda r: {'completion': r['completion']},
@@ -475,6 +475,19 @@ def detect_task(ds:Dataset,      # some raw rows of the dataset
                        fix=f"register it in one call: register_dataset({tag!r}, hf_id={str(name)!r}, task='qa', "
                            f"template='Question: {{{sorted(cols)[0]}}}\\nAnswer:', answer_col={sorted(cols)[-1]!r})")
 
+# %% ../nbs/01a_registry.ipynb #80e59d29
+def pick_split(want,   # the split wanted: a name, or names in order of preference
+               have,   # the splits the dataset has
+               what,   # what the split is for ('train' or 'eval'), for the message
+               spec    # the dataset's spec, for the message
+              ) -> str:
+    "The first of the `want`ed split names that the dataset `have`s; refuses with the splits there are."
+    cands = [want] if isinstance(want, str) else list(want)
+    for c in cands:
+        if c in have: return c
+    raise DatasetError(f"Dataset {spec.key!r} has no {what} split {' or '.join(map(repr, cands))}.", expected=f"one of {', '.join(have)}",
+                       fix=f"pass {what}_split= with one of those.")
+
 # %% ../nbs/01a_registry.ipynb #1e68cd59
 @dataclass
 class TaskData:
@@ -502,7 +515,7 @@ def resolve_dataset(name:str, config:str|None=None, data_dir=None) -> tuple[Data
     if s == 'sample-arithmetic': return SAMPLE_ARITHMETIC, sample_arithmetic(config)
     if _norm(s) in _ALIASES: return get_spec(s, config), None
     p = Path(s).expanduser()
-    if p.exists() or looks_like_path(s, _DATA_SUFFIXES) or '/' in s:
+    if p.exists() or looks_like_path(s, DATA_SUFFIXES) or '/' in s:
         raw = load_raw_dataset(s, config=config, data_dir=data_dir)
         spec = detect_task(next(iter(raw.values())), s)
         tr = next((c for c in ('train', 'training') if c in raw), next(iter(raw)))
@@ -514,13 +527,6 @@ def _hold_out(ds:Dataset, n:int, seed:int) -> tuple[Dataset, Dataset]:
     "A seeded split of `ds` into the rest and `n` held-out rows."
     parts = ds.train_test_split(test_size=n, seed=seed)
     return parts['train'], parts['test']
-
-def _pick_split(want, have, what, spec):
-    cands = [want] if isinstance(want, str) else list(want)
-    for c in cands:
-        if c in have: return c
-    raise DatasetError(f"Dataset {spec.key!r} has no {what} split {' or '.join(map(repr, cands))}.", expected=f"one of {', '.join(have)}",
-                       fix=f"pass {what}_split= with one of those.")
 
 def load_task(name:str,                      # catalogue name, hub id, local path, or 'sample-imdb'
               config:str|None=None,          # the dataset's config (glue: 'sst2', ...)
@@ -554,14 +560,14 @@ def load_task(name:str,                      # catalogue name, hub id, local pat
         else: raw_tr, raw_ev = raw_split(tr_name, n_tr, True), raw_split(ev_want if isinstance(ev_want, str) else ev_want[0], n_ev, True)
     else:
         if raw is None: raw = raw_split(None, None, False)
-        tr_name = _pick_split(tr_want, list(raw), 'train', spec)
+        tr_name = pick_split(tr_want, list(raw), 'train', spec)
         raw_tr = raw[tr_name]
         if ev_want is None:
             if len(raw_tr) < 2: raise EmptyDatasetError(f"{spec.key} has {len(raw_tr)} training row(s): too few to hold any out.",
                                                         fix="add rows, or give a held-out split.")
             raw_tr, raw_ev = _hold_out(raw_tr, max(1, int(round(len(raw_tr) * holdout))), seed)
             notes.append(f"{holdout:.0%} of {tr_name!r} is held out (seed {seed})")
-        else: raw_ev = raw[_pick_split(ev_want, list(raw), 'eval', spec)]
+        else: raw_ev = raw[pick_split(ev_want, list(raw), 'eval', spec)]
         if max_train and len(raw_tr) > max_train: raw_tr = raw_tr.shuffle(seed=seed).select(range(max_train))
         if max_eval and len(raw_ev) > max_eval: raw_ev = raw_ev.shuffle(seed=seed).select(range(max_eval))
     train = format_dataset(raw_tr, spec, mode, f"{spec.key} [train]")
