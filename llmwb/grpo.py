@@ -563,7 +563,7 @@ def train_grpo(job:GRPOJob,        # the job to run
             if not run.main: return RunResult(run_dir, {'status': 'completed', 'rank': pf.launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
             after = evaluate()
             run.log_eval(out.global_step, **{'heldout/reward': after['reward'] or 0.0})
-            _held_out(run, after, 'after ')
+            _held_out(run, after, 'after')
         with run.phase('save'):
             samples = {'start': rec.samples('first', job.num_samples, job.grpo_group_size), 'end': rec.samples('last', job.num_samples, job.grpo_group_size)}
             atomic_write(run_dir/'samples.json', json.dumps(samples, indent=1))

@@ -58,8 +58,8 @@ def test_quantization_requests_refused(runs_dir):
     with pytest.raises(ConfigError, match='both requested'): SFTJob(load_in_4bit=True, load_in_8bit=True, use_lora=True)
     with pytest.raises(ConfigError, match='use_lora=True'): SFTJob(load_in_8bit=True)
     # moe_load_in_4bit leaves a dense model alone and says so; on this CPU a real 4-bit request is refused with the reason
-    from llmwb.sft import _quantization
-    assert _quantization(SFTJob(moe_load_in_4bit=True))[0] == ''
+    from llmwb.sft import weight_bits
+    assert weight_bits(SFTJob(moe_load_in_4bit=True))[0] == ''
     with pytest.raises(Exception, match='bitsandbytes|CUDA'):
         train_sft(SFTJob(model='tiny-gpt2', load_in_4bit=True, use_lora=True, device='cpu'), quiet=True)
     assert list(runs_dir.iterdir()) == []
@@ -71,8 +71,8 @@ def test_multi_gpu_on_one_device_refused(runs_dir):
     assert list(runs_dir.iterdir()) == []
 
 def test_mps_with_several_processes_refused(runs_dir, monkeypatch):
-    import llmwb.sft as S
-    monkeypatch.setattr(S, 'get_device', lambda d: torch.device('mps'))
+    import llmwb.hftrain as H   # the shared preflight of the trainer jobs picks the device
+    monkeypatch.setattr(H, 'get_device', lambda d: torch.device('mps'))
     for k, v in {'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'}.items(): monkeypatch.setenv(k, v)
     with pytest.raises(DeviceError, match='MPS was asked for with 2 processes'): train_sft(SFTJob(device='mps'), quiet=True)
     assert list(runs_dir.iterdir()) == []
@@ -155,7 +155,7 @@ def test_resume_refuses_other_data(runs_dir):
         train_sft(SFTJob(resume_from_checkpoint='latest', max_train_examples=32, max_eval_examples=8, max_steps=4,
                          batch_size=16, save_model=False), quiet=True)
     (run,) = runs_dir.iterdir()
-    with pytest.raises(ConfigError, match=r'different batch_size \(32, now 16\)'):
+    with pytest.raises(ConfigError, match=r'different per_device_train_batch_size \(32, now 16\)'):
         train_sft(SFTJob(resume_from_checkpoint=str(run), max_train_examples=32, max_eval_examples=8, batch_size=16), quiet=True)
 
 def test_run_metadata_in_tensorboard(runs_dir):
