@@ -22,8 +22,8 @@ __all__ = ['ATTN_IMPLS', 'VOCABULARY', 'ALIASES', 'fmt_num', 'JOB_CLASSES', 'TOR
            'free_run_dir', 'make_run_dir', 'job_aliases', 'vocabulary_table', 'JobConfig', 'field_docs', 'MetricsLog',
            'start_run', 'RunResult', 'open_run', 'sha256_file', 'verify_file', 'checkpoint_problem', 'scan_checkpoints',
            'list_checkpoints', 'prune_checkpoints', 'find_checkpoint', 'ResumePoint', 'resume_mismatch', 'resume_point',
-           'record_resume', 'EarlyStopping', 'Callback', 'MetricsWriter', 'TensorBoardWriter', 'Run', 'pyplot',
-           'save_figure', 'plot_metrics']
+           'record_resume', 'EarlyStopping', 'planned_run_dir', 'Callback', 'MetricsWriter', 'TensorBoardWriter',
+           'TextLog', 'Run', 'pyplot', 'save_figure', 'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
 class LlmwbError(Exception):
@@ -190,6 +190,7 @@ def resolve_attention(requested:str='auto',            # 'auto', 'flash_attentio
         return AttentionChoice(requested, 'requested')
     # auto
     if need_attn_weights: return AttentionChoice('eager', 'attention weights are needed, which sdpa and flash do not return')
+    if dev.type == 'mps': return AttentionChoice('eager', "sdpa can produce NaN losses on Apple's MPS; eager is the stable kernel there (attn_implementation='sdpa' forces it)")
     if dev.type == 'cuda' and flash_attn_available() and dtype in (torch.float16, torch.bfloat16) and sup_fa:
         return AttentionChoice('flash_attention_2', f'flash_attn is installed and the model runs on CUDA in {dtype_name(dtype)}')
     if not sup_sdpa: return AttentionChoice('eager', f'{cname} does not support sdpa')
@@ -327,9 +328,10 @@ ALIASES = {old: new for new, (_, olds) in VOCABULARY.items() for old in olds}
 
 @functools.cache
 def job_aliases(cls) -> dict:
-    "The older names `cls` accepts, each with the field it means: the shared `ALIASES` of its fields, and its own `extra_aliases`."
-    names = {f.name for f in fields(cls)}
-    return {old: new for old, new in {**ALIASES, **getattr(cls, 'extra_aliases', {})}.items() if new in names and old not in names}
+    "The older names `cls` accepts, each with the field it means: the shared `ALIASES` of its fields, and the `extra_aliases` of it and its bases."
+    names, extra = {f.name for f in fields(cls)}, {}
+    for c in reversed(cls.__mro__): extra.update(c.__dict__.get('extra_aliases', {}))   # a subclass adds to (or overrides) its bases'
+    return {old: new for old, new in {**ALIASES, **extra}.items() if new in names and old not in names}
 
 def vocabulary_table() -> str:
     "The vocabulary as a markdown table: each canonical name, its concept and the older names accepted."
@@ -390,6 +392,7 @@ class JobConfig(metaclass=_JobMeta):
     "Base for job configs: typed fields, aliases, strict construction, validation, run naming and saving."
     resume_fields = ()            # fields that must match for a run to be continued
     resume_needs_checkpoint = True  # False: a run folder alone can be continued (it skips the work already done)
+    flag_values = {'resume_from_checkpoint': ('latest', '')}   # `--resume` alone continues the newest matching run
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -409,6 +412,18 @@ class JobConfig(metaclass=_JobMeta):
 
     def validate(self):
         "Check values beyond their types; subclasses raise `ConfigError`."
+
+    def plan(self) -> dict:
+        "What a run of this job would use, resolved without downloading or writing anything (`--dry_run`); raises the job's usual error for a name that cannot be found."
+        return {}
+
+    @classmethod
+    def switches(cls) -> dict:
+        "Names of non-bool fields (or of their aliases) that also work as bare switches: name -> (value of `--name`, value of `--no_name`); `flag_values` merged through the class hierarchy, a field's entry covering its aliases."
+        fv, al = {}, job_aliases(cls)
+        for c in reversed(cls.__mro__): fv.update(c.__dict__.get('flag_values', {}))
+        names = {**{f: f for f in cls.field_names()}, **al}
+        return {k: fv.get(k, fv.get(f)) for k, f in names.items() if k in fv or f in fv}
 
     @classmethod
     def field_names(cls) -> list[str]: return [f.name for f in fields(cls)]
@@ -546,7 +561,7 @@ def start_run(job:JobConfig,       # the validated job config
         p = Path(run_dir).expanduser()
         if p.exists() and any(q.name != '.gitkeep' and not q.name.endswith('.ipynb') for q in p.iterdir()):
             raise ConfigError(f"Run folder {str(p)!r} already holds files; llmwb never writes over a run.",
-                              fix="pass a new output_dir, or leave output_dir empty to get a fresh runs/<timestamp>_<name>/.")
+                              fix="pass a new output_dir, resume_from_checkpoint (--resume) to continue that run, or leave output_dir empty to get a fresh runs/<timestamp>_<name>/.")
         p.mkdir(parents=True, exist_ok=True)
     else: p = make_run_dir(job.run_name())
     for sub in ('plots', 'checkpoints', 'tensorboard'): (p/sub).mkdir(exist_ok=True)
@@ -661,7 +676,7 @@ def scan_checkpoints(run_dir:str|Path,   # a run folder (or its checkpoints/ fol
                     ) -> list[dict]:
     "Every checkpoint of a run folder in any of llmwb's layouts, oldest first, as records with the same keys."
     rd = Path(run_dir).expanduser()
-    if rd.name == 'checkpoints' and root is None: rd, root = rd.parent, rd
+    if rd.name == 'checkpoints' and root is None and not (rd/'config.json').exists(): rd, root = rd.parent, rd   # not a run folder named checkpoints
     elif root is None and not (rd/'checkpoints').is_dir() and any(rd.glob('step_*')): root = rd   # a loop's own checkpoint folder
     root = Path(root).expanduser() if root else rd/'checkpoints'
     cks = []
@@ -699,7 +714,7 @@ def scan_checkpoints(run_dir:str|Path,   # a run folder (or its checkpoints/ fol
 def list_checkpoints(path:str|Path) -> list[dict]:
     "The checkpoints of a run folder of any job (its job class decides where they are), or of a checkpoints folder."
     p = Path(path).expanduser()
-    if p.name != 'checkpoints' and (p/'config.json').exists():
+    if (p/'config.json').exists():
         try: cls = JOB_CLASSES.get(json.loads((p/'config.json').read_text()).get('job'))
         except (OSError, json.JSONDecodeError): cls = None
         if cls is not None: return cls.checkpoints(p)
@@ -735,9 +750,14 @@ def resume_mismatch(job:JobConfig, saved:dict) -> list[str]:
     d = job.to_dict()
     return [k for k in job.resume_fields if k in saved and saved[k] != d[k]]
 
+def _is_run(q:Path) -> bool:
+    "Whether `q` is an llmwb run folder: its config.json names the job (a model's config.json does not)."
+    try: return 'job' in json.loads((q/'config.json').read_text())
+    except (OSError, ValueError, TypeError): return False
+
 def _run_of(p:Path) -> Path|None:
     "The run folder holding `p` (itself, or up to three folders above)."
-    return next((q for q in [p, *list(p.parents)[:3]] if (q/'config.json').exists()), None)
+    return next((q for q in [p, *list(p.parents)[:3]] if _is_run(q)), None)
 
 def _resumables(job:JobConfig, rd:Path, upto:Path|None=None) -> list[Path]:
     cks = [c for c in type(job).checkpoints(rd) if c['resumable'] and c['ok']]
@@ -813,6 +833,15 @@ class EarlyStopping:
     @property
     def stop(self) -> bool: return bool(self.patience) and self.bad >= self.patience
 
+# %% ../nbs/00_core.ipynb #0f8aa7f1
+def planned_run_dir(job:JobConfig) -> tuple[Path, str]:
+    "The folder a run of `job` would write to and how it gets it ('continues ...', 'new'), without creating anything."
+    rp = resume_point(job) if getattr(job, 'resume_from_checkpoint', '') else None
+    if rp is not None: return rp.run_dir, 'continues' + (f' from {rp.checkpoint.name}' if rp.checkpoint else '')
+    out = getattr(job, 'output_dir', '')
+    if out: return Path(out).expanduser(), 'new (output_dir)'
+    return free_run_dir(job.run_name()), 'new'
+
 # %% ../nbs/00_core.ipynb #27c339d7
 PHASES = ('data', 'evaluate_before', 'train', 'evaluate_after', 'save')
 
@@ -859,6 +888,37 @@ class TensorBoardWriter(Callback):
     def on_evaluate(self, run, step, metrics): self.scalars('eval', step, metrics)
     def on_end(self, run, status, metrics): self.tb.close()
 
+# %% ../nbs/00_core.ipynb #5524ad6c
+class TextLog:
+    "The lines a run printed, appended to a file once it is opened (kept in memory until then)."
+    def __init__(self): self.lines, self.f = [], None
+    def write(self, line:str):
+        if self.f is None: self.lines.append(line); return
+        try: self.f.write(line + '\n'); self.f.flush()
+        except (OSError, ValueError): pass   # a full disk or a closed file must not stop the run
+    def open(self, path:Path, header:str=''):
+        self.f = open(path, 'a', encoding='utf-8')
+        for l in ([header] if header else []) + self.lines: self.write(l)
+        self.lines = []
+    def close(self):
+        if self.f is not None: self.f.close(); self.f = None
+
+class _Tee:
+    "A text stream that writes through to `stream` and hands each finished line to `log`."
+    def __init__(self, stream, log:TextLog): self.stream, self.log, self.buf = stream, log, ''
+    def write(self, s):
+        n = self.stream.write(s)
+        *lines, self.buf = (self.buf + s).split('\n')
+        for l in lines:
+            last = l.rsplit('\r', 1)[-1]
+            if last.strip() or '\r' not in l: self.log.write(last)
+        return n
+    def flush(self): self.stream.flush()
+    def finish(self):
+        if self.buf.strip(): self.log.write(self.buf.rsplit('\r', 1)[-1])
+        self.buf = ''
+    def __getattr__(self, k): return getattr(self.stream, k)
+
 # %% ../nbs/00_core.ipynb #550eafe3
 class Run:
     "One run of a job: the callbacks it reports to, its folder once open, and the events."
@@ -867,10 +927,13 @@ class Run:
         self.main = self.launch.is_main
         self.callbacks = [c for c in (callbacks or []) if isinstance(c, Callback)]
         self.run_dir, self.resumed, self.status, self.t_start, self.seconds = None, False, 'running', time.time(), {}
+        self.log, self._streams = TextLog(), None
 
     def say(self, *args):
-        "Print on the main process unless quiet."
-        if self.main and not self.quiet: print(*args)
+        "Print on the main process unless quiet (a quiet run's lines still reach training.log)."
+        if not self.main: return
+        if self.quiet: self.log.write(' '.join(map(str, args)))
+        else: print(*args)
 
     def emit(self, event:str, *args):
         for cb in list(self.callbacks): getattr(cb, f'on_{event}')(self, *args)
@@ -887,7 +950,10 @@ class Run:
     def open(self, run_dir:Path, facts:dict=None, resumed:bool=False, purge_step:int=None, tensorboard=TensorBoardWriter) -> Path:
         "Take the run folder (made by `open_run`/`start_run`): the main process writes metrics and TensorBoard from here on."
         self.run_dir, self.resumed = Path(run_dir), resumed
-        if self.main: self.callbacks[:0] = [MetricsWriter(self.run_dir)] + ([tensorboard(self.run_dir, purge_step=purge_step)] if tensorboard else [])
+        if self.main:
+            self.callbacks[:0] = [MetricsWriter(self.run_dir)] + ([tensorboard(self.run_dir, purge_step=purge_step)] if tensorboard else [])
+            self.log.open(self.run_dir/'training.log', f"# {datetime.datetime.now():%Y-%m-%d %H:%M:%S} {type(self.job).__name__} "
+                                                       f"{'resumed' if resumed else 'started'}")
         self.emit('open', dict(facts or {}))
         return self.run_dir
 
@@ -909,10 +975,22 @@ class Run:
         self.emit('end', status, metrics)
         return metrics
 
-    def __enter__(self): return self
+    def __enter__(self):
+        if self.main:   # what the run prints also goes to training.log
+            self._streams = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = _Tee(sys.stdout, self.log), _Tee(sys.stderr, self.log)
+        return self
+
     def __exit__(self, et, e, tb):
-        if et is not None and self.status == 'running' and self.run_dir is not None:
-            self.end({'error': f"{et.__name__}: {e}", 'wall_time_s': self.wall_time()}, 'failed')
+        try:
+            if et is not None and self.status == 'running' and self.run_dir is not None:
+                self.end({'error': f"{et.__name__}: {e}", 'wall_time_s': self.wall_time()}, 'failed')
+        finally:
+            if self._streams is not None:
+                for s in (sys.stdout, sys.stderr):
+                    if isinstance(s, _Tee): s.finish()
+                sys.stdout, sys.stderr = self._streams
+            self.log.close()
         return False
 
 # %% ../nbs/00_core.ipynb #7e1fff1b
