@@ -4,14 +4,15 @@
 
 # %% ../nbs/11_runs.ipynb #2491442d
 from __future__ import annotations
-import os, sys, json, shutil, argparse, importlib, typing, subprocess
+import os, sys, json, shutil, argparse, importlib, typing, subprocess, difflib
 from dataclasses import dataclass, fields, MISSING
 from pathlib import Path
 from .core import LlmwbError, ConfigError, free_run_dir, project_root
 
 # %% auto #0
-__all__ = ['JOBS', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook', 'show_checkpoints', 'delete_checkpoint',
-           'orphans', 'clean_orphans', 'multi_gpu_command', 'main']
+__all__ = ['JOBS', 'PARSER_OPTIONS', 'TRAIN_MODES', 'JobSpec', 'find_job', 'parse_value', 'JobFailed', 'run_job_notebook',
+           'show_checkpoints', 'delete_checkpoint', 'orphans', 'clean_orphans', 'normalize_argv', 'job_parser',
+           'parse_job_args', 'dry_run_report', 'train_route', 'multi_gpu_command', 'main']
 
 # %% ../nbs/11_runs.ipynb #313d5783
 @dataclass
@@ -166,22 +167,96 @@ def clean_orphans(root=None, yes:bool=False) -> list[Path]:
     return found
 
 # %% ../nbs/11_runs.ipynb #76c7ac1f
-def _job_parser(cls, prog):
+def _is_list(tp) -> bool: return tp is list or typing.get_origin(tp) is list or any(_is_list(a) for a in typing.get_args(tp))
+
+PARSER_OPTIONS = ('dry_run', 'help', 'h')   # flags of the command itself, not of the job
+
+def normalize_argv(cls, argv:list[str]) -> list[str]:
+    "`argv` in the parser's spelling: `--flag-name` as `--flag_name`, `--no_X`/`--no-X` as `--X False` (or a switch's off value); unknown flags refused with a did-you-mean."
+    names, hints, sw = {**{f: f for f in cls.field_names()}, **cls.aliases()}, typing.get_type_hints(cls), cls.switches()
+    out, unknown = [], []
+    for a in argv:
+        if not a.startswith('--') or a == '--': out.append(a); continue
+        name, eq, val = a[2:].partition('=')
+        name = name.replace('-', '_')
+        neg = name[3:] if name.startswith('no_') and name not in names else None
+        if neg in names and not eq and (hints[names[neg]] is bool or neg in sw):
+            out += [f'--{neg}', 'False' if hints[names[neg]] is bool else str(sw[neg][1])]
+        elif name in names or name in PARSER_OPTIONS: out.append(f'--{name}{eq}{val}')
+        else: unknown.append(a)
+    if unknown:
+        hint = lambda a: (m := difflib.get_close_matches(a[2:].partition('=')[0].replace('-', '_'), list(names), n=1, cutoff=0.6)) and f" (did you mean --{m[0]}?)" or ''
+        raise ConfigError(f"Unknown option{'s' if len(unknown) > 1 else ''} for {cls.__name__}: {', '.join(a + hint(a) for a in unknown)}.",
+                          fix="see the job's options with --help; names may be written with - or _.")
+    return out
+
+def job_parser(cls, prog:str) -> argparse.ArgumentParser:
     "The job's command-line parser: one `--field` per field, with its older names as aliases, its comment and its default."
     from llmwb.core import field_docs
-    docs, hints = field_docs(cls), typing.get_type_hints(cls)
-    ap = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or '').strip(),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, hints, sw = field_docs(cls), typing.get_type_hints(cls), cls.switches()
+    ap = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or '').strip(), allow_abbrev=False,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 epilog="Names may be written with - or _ (--batch-size). Lists take spaces or commas (--datasets a b, "
+                                        "--rates 0.7,0.3). A yes/no option alone means yes, --no_NAME (or --no-NAME) means no.")
     olds = {}
     for old, new in cls.aliases().items(): olds.setdefault(new, []).append(old)
+    def kw(name, tp):
+        k = dict(type=parse_value, metavar=getattr(tp, '__name__', 'VALUE').upper())
+        if tp is bool: k.update(nargs='?', const=True)                 # --flag, --flag False, --no_flag
+        elif name in sw: k.update(nargs='?', const=sw[name][0])       # e.g. --resume alone: the latest matching run
+        elif _is_list(tp): k.update(nargs='+', metavar='VALUE')        # --datasets a b, or a,b
+        return k
     for f in fields(cls):
-        flag = hints[f.name] is bool   # a bare --flag means True; --flag False also works
-        kw = dict(type=parse_value, metavar=getattr(hints[f.name], '__name__', 'VALUE').upper(), **(dict(nargs='?', const=True) if flag else {}))
         also = f" (also {', '.join('--' + o for o in olds.get(f.name, []))})" if f.name in olds else ''
         doc = ((docs.get(f.name) or '') + also).replace('%', '%%') or ' '   # argparse formats help with %
-        ap.add_argument(f'--{f.name}', default=f.default if f.default is not MISSING else None, help=doc, **kw)
-        for o in olds.get(f.name, []): ap.add_argument(f'--{o}', dest=o, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+        ap.add_argument(f'--{f.name}', default=f.default if f.default is not MISSING else None, help=doc, **kw(f.name, hints[f.name]))
+        for o in olds.get(f.name, []):
+            ap.add_argument(f'--{o}', dest=o, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw(o, hints[f.name]))
+    ap.add_argument('--dry_run', action='store_true', help="check the job, resolve its names (model, dataset, data files) without "
+                    "downloading, print it, the run folder it would write and what it would fetch; write nothing")
     return ap
+
+def _flat(v) -> list:
+    "A list option's values, with comma-separated ones split: ['a,b', 'c'] -> ['a', 'b', 'c']."
+    return [parse_value(p) if isinstance(x, str) else x for x in v for p in (x.split(',') if isinstance(x, str) else [x]) if p != '']
+
+def parse_job_args(cls, argv:list[str], prog:str):
+    "The job `argv` describes (aliases resolved, lists flattened), and whether it is a dry run."
+    hints = typing.get_type_hints(cls)
+    ns = vars(job_parser(cls, prog).parse_args(normalize_argv(cls, argv)))
+    dry = ns.pop('dry_run')
+    field = {**{f: f for f in cls.field_names()}, **cls.aliases()}
+    ns = {k: _flat(v) if isinstance(v, list) and _is_list(hints[field[k]]) else v for k, v in ns.items()}
+    return cls.from_dict(cls.prefer_given(ns)), dry   # an alias given (--lr) wins over its field's default
+
+def dry_run_report(job) -> str:
+    "What `--dry_run` prints: the resolved job, the run folder it would write, and what it would use or fetch; writes nothing."
+    from llmwb.core import planned_run_dir
+    plan = job.plan()
+    rd, how = planned_run_dir(job)
+    return '\n'.join([job.to_text().rstrip(), f"run folder: {rd} ({how})", *(f"{k}: {v}" for k, v in plan.items()),
+                      "dry run: nothing was written"])
+
+TRAIN_MODES = {'sft': 'sft', 'pretrain': 'pretrain', 'rl': 'grpo'}
+
+def train_route(argv:list[str]) -> tuple[str, list[str], str]:
+    "`llmwb train` is the HF pipeline's train.py: `--mode sft|pretrain|rl` (default sft) picks the job and `--task auto` is taken; returns the job's name, its arguments and the program name."
+    args, mode, i = [], 'sft', 0
+    while i < len(argv):
+        name, eq, val = argv[i].partition('=')
+        if name in ('--mode', '--task'):
+            if not eq:
+                if i + 1 == len(argv): raise ConfigError(f"{name} needs a value.", fix=f"pass {name} {'sft' if name == '--mode' else 'auto'}.")
+                i, val = i + 1, argv[i + 1]
+            if name == '--mode': mode = val
+            elif val != 'auto':
+                raise ConfigError(f"--task {val!r} is not needed: llmwb reads the task from the dataset's catalogue entry and the model's type.",
+                                  fix="drop --task, or pass --task auto.")
+        else: args.append(argv[i])
+        i += 1
+    if mode not in TRAIN_MODES:
+        raise ConfigError(f"Unknown --mode {mode!r}.", expected="sft, pretrain or rl", fix="pass --mode sft, --mode pretrain or --mode rl.")
+    return TRAIN_MODES[mode], args, f'llmwb train --mode {mode}'
 
 def multi_gpu_command(argv:list[str],     # the llmwb arguments, e.g. ['sft', '--multi_gpu', '--lr', '1e-4']
                       n_cuda:int|None=None # CUDA devices (None: ask torch)
@@ -197,7 +272,8 @@ def main(argv:list[str]=None):
     "The `llmwb` command: `run` a job notebook, run a job directly (`sft`), list `jobs` or `datasets`, or write `fixtures`."
     argv = sys.argv[1:] if argv is None else argv
     usage = ("usage: llmwb run JOB [-p NAME VALUE]... [--output NB]   run a job notebook with papermill\n"
-             "       llmwb JOB [--NAME VALUE]...                      run a job in this process\n"
+             "       llmwb JOB [--NAME VALUE]... [--dry_run]          run a job in this process (or only check it)\n"
+             "       llmwb train --mode sft|pretrain|rl [--NAME VALUE]... the HF pipeline's train.py: the sft, pretrain or grpo job\n"
              "       llmwb jobs                                       list jobs and their notebooks\n"
              "       llmwb datasets                                   list the dataset catalogue\n"
              "       llmwb fixtures DIR [NAME]...                     write the offline dataset mirror (then LLMWB_DATA_DIR=DIR)\n"
@@ -240,12 +316,13 @@ def main(argv:list[str]=None):
             if m.exists():  # the final figures, without the long ones (samples); all of them are in the file
                 print(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if not isinstance(v, (list, dict))}, indent=1))
             return 0
-        spec, _ = find_job(argv[0])
+        name, args, prog = train_route(argv[1:]) if argv[0] == 'train' else (argv[0], argv[1:], f'llmwb {argv[0]}')
+        spec, _ = find_job(name)
         cls, fn = spec.load()
-        ns = vars(_job_parser(cls, f'llmwb {spec.name}').parse_args(argv[1:]))
-        job = cls.from_dict(cls.prefer_given(ns))   # an alias given (--lr) wins over its field's default
+        job, dry = parse_job_args(cls, args, prog)
+        if dry: print(dry_run_report(job)); return 0
         if getattr(job, 'multi_gpu', False) and 'WORLD_SIZE' not in os.environ:   # not yet launched: start one process per GPU
-            return subprocess.call(multi_gpu_command(argv))
+            return subprocess.call(multi_gpu_command([spec.name, *args]))
         res = fn(job)
         if int(os.environ.get('RANK', 0)) == 0: print(f"run folder: {res.run_dir}")
         return 0
