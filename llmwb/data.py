@@ -21,7 +21,7 @@ from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetE
 # %% auto #0
 __all__ = ['ARITHMETIC_CONFIGS', 'DATA_SUFFIXES', 'DATA_DIR_ENV', 'copula_sentence', 'phrase_sentence', 'contrast_sentence',
            'neutral_sentence', 'make_review', 'make_sample_imdb', 'save_sample_imdb', 'make_sample_arithmetic',
-           'sample_arithmetic', 'mirror_path', 'load_raw_dataset']
+           'sample_arithmetic', 'mirror_path', 'in_hf_cache', 'load_raw_dataset']
 
 # %% ../nbs/01_data.ipynb #f263fcbc
 _POS_ADJ = ['wonderful', 'superb', 'brilliant', 'excellent', 'gripping', 'moving', 'delightful', 'charming', 'stunning',
@@ -302,7 +302,7 @@ def mirror_path(hf_id:str,           # a hub dataset id such as 'nyu-mll/glue'
         if p.is_dir(): return p
     return None
 
-def _in_hf_cache(hf_id:str) -> bool:
+def in_hf_cache(hf_id:str) -> bool:
     "Whether `datasets` has a prepared copy of hub dataset `hf_id` in its local cache."
     from datasets.naming import camelcase_to_snakecase
     parts = hf_id.split('/'); parts[-1] = camelcase_to_snakecase(parts[-1])
@@ -351,7 +351,7 @@ def _load_hub(hf_id:str, config=None, split=None, streaming=False, revision=None
     kw = dict(config=config, split=split, streaming=streaming, revision=revision, max_examples=max_examples, subdir=subdir)
     if (m := mirror_path(hf_id, data_dir)) is not None: return _load_repo(str(m), f"{where} from the mirror {m}", **kw)
     online = hub_reachable()
-    if not online and not _in_hf_cache(hf_id):
+    if not online and not in_hf_cache(hf_id):
         raise DatasetNotFoundError(
             f"Dataset {hf_id!r} is not in the local mirror ({DATA_DIR_ENV}={os.environ.get(DATA_DIR_ENV, '') or 'unset'}) "
             "nor in the local datasets cache, and the Hugging Face hub cannot be reached.",

@@ -4,30 +4,45 @@
 
 # %% ../nbs/06a_hftrain.ipynb #4d2968fa
 from __future__ import annotations
-import math
+import os, math, re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from transformers import TrainerCallback
-from .core import (JobConfig, ConfigError, Callback, Launch, ResumePoint, ATTN_IMPLS, get_device, get_dtype, check_launch,
-                        launch_info, resume_point, MetricsLog)
-from .models import resolve_model_source, add_lora, merge_lora
+from .core import (JobConfig, ConfigError, DatasetError, DatasetNotFoundError, DeviceError, LlmwbError, Callback, Launch, ResumePoint,
+                        ATTN_IMPLS, get_device, get_dtype, dtype_name, check_launch, launch_info, resume_point, MetricsLog,
+                        flash_attn_available, available_devices, resolve_attention, hub_reachable, looks_like_path)
+from .data import mirror_path, in_hf_cache, DATA_SUFFIXES, DATA_DIR_ENV
+from .registry import load_task, get_spec, SAMPLE_ARITHMETIC
+from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
+from .models import resolve_model_source, add_lora, merge_lora, load_model, load_config, moe_info
 
 # %% auto #0
-__all__ = ['HFTrainJob', 'hf_precision', 'Preflight', 'preflight', 'planned_steps', 'training_arguments', 'EventBridge',
-           'split_callbacks', 'quiet_trainer', 'with_lora', 'save_outputs', 'score_line', 'train_figures']
+__all__ = ['EVAL_STRATEGIES', 'DDP_BACKENDS', 'HFTrainJob', 'JobData', 'load_job_data', 'hf_precision', 'Preflight',
+           'join_process_group', 'preflight', 'planned_steps', 'eval_arguments', 'training_arguments', 'EventBridge',
+           'split_callbacks', 'quiet_trainer', 'weight_bits', 'attention_request', 'load_job_model', 'with_lora',
+           'save_outputs', 'score_line', 'train_figures', 'model_source', 'dataset_source', 'machine_plan',
+           'quantization_plan', 'hf_plan']
 
 # %% ../nbs/06a_hftrain.ipynb #30fde509
+EVAL_STRATEGIES = ('auto', 'no', 'steps', 'epoch')
+DDP_BACKENDS = ('nccl', 'gloo', 'mpi', 'xccl', 'hccl', 'cncl', 'mccl')   # TrainingArguments.ddp_backend's choices
+
 @dataclass
 class HFTrainJob(JobConfig):
     "The fields the Hugging Face trainer jobs share, named as transformers' `TrainingArguments` names them."
     model: str = 'tiny-gpt2'          # offline preset (random weights), local folder, run folder, or hub id
     dataset: str = 'sample-imdb'      # catalogue name, generated sample data, a hub id or a local path
     dataset_config: str = ''          # the dataset's config ('' for its default)
+    datasets: list|None = None        # a mixture instead of one dataset, e.g. imdb glue
+    configs: list|None = None         # the mixture's configs, one per dataset (None where there is none), e.g. None sst2
+    rates: list|None = None           # the mixture's shares, summing to 1, e.g. 0.7 0.3
+    mixture_strategy: str = 'first_exhausted'  # first_exhausted stops when a source runs out; all_exhausted over-samples
     data_dir: str = ''                # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
     train_split: str = ''             # split to train on ('' for the dataset's own)
+    eval_split: str = ''              # held-out split ('' for the dataset's own)
     max_train_examples: int = 0       # cap on training examples (0: all)
     max_eval_examples: int = 200      # held-out examples scored before and after training (0: all)
     num_train_epochs: float = 1.0     # passes over the training data
@@ -45,32 +60,110 @@ class HFTrainJob(JobConfig):
     lora_dropout: float = 0.05        # dropout on the adapters' input
     lora_target_modules: list|None = None  # modules to adapt, e.g. c_attn,c_fc (None: the architecture's defaults)
     merge_lora: bool = True           # also save the adapters merged into the base weights as <run>/model
+    load_in_4bit: bool = False        # 4-bit NF4 weights through bitsandbytes (CUDA; QLoRA with use_lora)
+    load_in_8bit: bool = False        # 8-bit weights through bitsandbytes (CUDA; with use_lora)
+    moe_load_in_4bit: bool = False    # 4-bit loading when the model is a mixture of experts (dense models load as usual)
+    moe_load_in_8bit: bool = False    # 8-bit loading when the model is a mixture of experts
     seed: int = 42                    # seed for initialisation, shuffling and sampling
     device: str = 'auto'              # auto, cpu, cuda, cuda:N or mps
     dtype: str = 'auto'               # training precision: auto (bf16/fp16 mixed on CUDA, fp32 elsewhere), fp32, bf16, fp16
     attn_implementation: str = 'auto' # auto, flash_attention_2, sdpa or eager
+    use_flash_attention: bool = False # FlashAttention 2 where it can run (CUDA, flash_attn, fp16/bf16), else attn_implementation's choice
     multi_gpu: bool = False           # one process per CUDA device (llmwb JOB --multi_gpu starts them with torchrun)
-    logging_steps: int = 10           # log the training metrics every this many steps
-    save_steps: int = 0               # save a resumable checkpoint every this many steps (0: none)
+    ddp_backend: str = ''             # process-group backend when several processes train: nccl, gloo, ... ('' : nccl on CUDA, gloo on CPU)
+    logging_steps: int = 0            # log the training metrics every this many steps (0: every eval_steps when set, else 10)
+    eval_strategy: str = 'auto'       # held-out loss during training: no, steps, epoch (auto: steps when eval_steps is set, else no)
+    eval_steps: int = 0               # held-out loss every this many steps (0: every logging step with eval_strategy steps)
+    eval_on_start: bool = False       # also compute the held-out loss before the first step
+    load_best_model_at_end: bool = False  # evaluate at each checkpoint and finish with the best one
+    metric_for_best_model: str = 'eval_loss'  # the held-out metric that picks the best checkpoint
+    save_steps: int = 0               # save a resumable checkpoint every this many steps (0: none; with load_best_model_at_end, at each evaluation)
     save_total_limit: int = 0         # checkpoints kept, oldest removed first (0: all)
     resume_from_checkpoint: str = ''  # latest, or a run or checkpoint folder: continue that run in its own folder
     save_model: bool = True           # save the final model and tokenizer to <run>/model
     output_dir: str = ''              # run folder; '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
     name: str = ''                    # readable run name; '' derives it from model, data and hyperparameters
 
+    # the HF pipeline's train.py names (an alias whose field a job lacks, such as use_packing on GRPO, is dropped)
+    extra_aliases = {'dataset_configs': 'configs', 'mixture_rates': 'rates', 'use_packing': 'packing', 'fp16': 'dtype', 'bf16': 'dtype'}
+    flag_values = {'fp16': ('fp16', 'fp32'), 'bf16': ('bf16', 'fp32')}   # --fp16 alone: dtype fp16; --no_fp16: fp32
+    best_metrics = ('eval_loss',)     # what metric_for_best_model may name
+    data_mode = 'sft'                 # how the job's rows are formatted: sft, pretrain or rl
+
     def validate(self):
-        for k in ('per_device_train_batch_size', 'gradient_accumulation_steps', 'logging_steps', 'lora_r'):
+        for k in ('per_device_train_batch_size', 'gradient_accumulation_steps', 'lora_r'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
-        for k in ('max_train_examples', 'max_eval_examples', 'save_steps', 'save_total_limit'):
+        for k in ('max_train_examples', 'max_eval_examples', 'save_steps', 'save_total_limit', 'logging_steps', 'eval_steps'):
             if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
         if self.learning_rate is not None and not 0 < self.learning_rate < 1:
             raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("Nothing to train: num_train_epochs <= 0 and max_steps <= 0.", fix="set num_train_epochs > 0 or max_steps > 0.")
         if self.warmup_steps < 0: raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if not 0 <= self.lora_dropout < 1: raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        self.check_data(); self.check_weights(); self.check_evaluation()
+
+    def check_data(self):
+        "A mixture's lists agree, and single-dataset settings are not mixed with a mixture."
+        if self.datasets or self.configs or self.rates:
+            self.datasets, self.configs, self.rates = check_mixture(self.datasets, self.configs, self.rates)
+            if self.dataset_config: raise ConfigError("dataset_config applies to a single dataset; a mixture takes configs=.",
+                                                      fix="put the config in configs= (--dataset_configs), one per dataset.")
+            if self.train_split or self.eval_split:
+                raise ConfigError("train_split/eval_split apply to a single dataset; a mixture uses each source's own splits.",
+                                  fix="drop train_split/eval_split, or train on one dataset.")
+        if self.mixture_strategy not in STRATEGIES:
+            raise ConfigError(f"Unknown mixture_strategy {self.mixture_strategy!r}.", expected=f"one of {', '.join(STRATEGIES)}")
+
+    def check_weights(self):
+        "The attention, precision and quantization settings can go together."
         if self.attn_implementation not in ATTN_IMPLS:
             raise ConfigError(f"Unknown attn_implementation {self.attn_implementation!r}.", expected=f"one of {', '.join(ATTN_IMPLS)}")
-        if not 0 <= self.lora_dropout < 1: raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.use_flash_attention and self.attn_implementation not in ('auto', 'flash_attention_2'):
+            raise ConfigError(f"use_flash_attention asks for FlashAttention 2, and attn_implementation={self.attn_implementation!r} for another kernel.",
+                              fix="drop one of them: use_flash_attention falls back to attn_implementation='auto' where flash cannot run.")
+        get_dtype(self.dtype)   # an unknown name is refused here
+        if self.ddp_backend and self.ddp_backend not in DDP_BACKENDS:
+            raise ConfigError(f"Unknown ddp_backend {self.ddp_backend!r}.", expected=f"one of {', '.join(DDP_BACKENDS)}, or '' to pick by device")
+        if (self.load_in_4bit or self.moe_load_in_4bit) and (self.load_in_8bit or self.moe_load_in_8bit):
+            raise ConfigError("4-bit and 8-bit loading were both requested.", fix="pick one: load_in_4bit (NF4, least memory, for QLoRA) or load_in_8bit.")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_lora:
+            raise ConfigError("Quantized weights cannot be trained directly: 4/8-bit loading needs LoRA adapters to train.",
+                              fix="add use_lora=True (QLoRA), or drop load_in_4bit/load_in_8bit for full training.")
+
+    def check_evaluation(self):
+        "The evaluation, logging and best-checkpoint settings agree (as `TrainingArguments` needs them to)."
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise ConfigError(f"Unknown eval_strategy {self.eval_strategy!r}.", expected=f"one of {', '.join(EVAL_STRATEGIES)}")
+        if self.eval_steps and self.eval_strategy in ('no', 'epoch'):
+            raise ConfigError(f"eval_steps={self.eval_steps} asks for an evaluation every {self.eval_steps} steps, and eval_strategy={self.eval_strategy!r} for none or one per epoch.",
+                              fix="drop eval_steps, or use eval_strategy='steps' (or 'auto').")
+        if self.metric_for_best_model not in self.best_metrics:
+            raise ConfigError(f"Unknown metric_for_best_model {self.metric_for_best_model!r}.", expected=f"one of {', '.join(self.best_metrics)}")
+        if not self.load_best_model_at_end: return
+        if self.evaluation() != 'steps':
+            raise ConfigError(f"load_best_model_at_end compares the checkpoints' held-out scores, and eval_strategy={self.eval_strategy!r} scores at no checkpoint.",
+                              fix="leave eval_strategy at 'auto' (an evaluation at every checkpoint), or drop load_best_model_at_end.")
+        if self.eval_steps and self.save_interval() % self.eval_steps:
+            raise ConfigError(f"load_best_model_at_end needs a score at every checkpoint: save_steps={self.save_steps} is not a multiple of eval_steps={self.eval_steps}.",
+                              fix=f"use save_steps={self.eval_steps * max(1, round(self.save_steps / self.eval_steps))}, or drop eval_steps (then every checkpoint is scored).")
+
+    def evaluation(self) -> str:
+        "The trainer's eval_strategy: the job's, or for auto 'steps' when eval_steps or load_best_model_at_end asks for it, else 'no'."
+        if self.eval_strategy != 'auto': return self.eval_strategy
+        return 'steps' if self.eval_steps or self.load_best_model_at_end else 'no'
+
+    def save_interval(self) -> int:
+        "Steps between checkpoints: save_steps; with load_best_model_at_end and no save_steps, at every evaluation (eval_steps, else transformers' 500)."
+        return self.save_steps or ((self.eval_steps or 500) if self.load_best_model_at_end else 0)
+
+    def logging_interval(self) -> int:
+        "Steps between logged training metrics: logging_steps, else (as the HF pipeline did) eval_steps when it is set, else 10."
+        return self.logging_steps or self.eval_steps or 10
+
+    def plan(self) -> dict:
+        "What a run would use, resolved without downloading or writing anything (`--dry_run`): see `hf_plan`."
+        return hf_plan(self)
 
     def start_model(self) -> str:
         "What the model is loaded from (GRPO's `init_from` overrides it)."
@@ -81,9 +174,47 @@ class HFTrainJob(JobConfig):
         p = Path(self.start_model())
         return p.name if p.exists() else self.start_model().split('/')[-1]
 
+    def data_name(self) -> str:
+        "The data part of run names: 'sample-imdb', 'glue-sst2', 'mix_imdb-sentiment-70_glue-sst2-30', or a file's or folder's name."
+        def one(name, cfg):
+            if name in ('sample-imdb', 'sample-arithmetic'): return name
+            try: return get_spec(name, cfg or None).short_name()
+            except LlmwbError: return Path(name).stem if Path(name).suffix else name.rstrip('/').split('/')[-1]
+        if self.datasets:
+            try: return mixture_name([get_spec(n, c) for n, c in zip(self.datasets, self.configs)], self.rates)
+            except LlmwbError: return 'mix_' + '_'.join(f"{one(n, c)}-{round(r * 100)}" for n, c, r in zip(self.datasets, self.configs, self.rates))
+        return one(self.dataset, self.dataset_config)
+
+    def batch_name(self, length:int|None=None) -> str:
+        "The batch part of run names, as the HF pipeline wrote it: `bs8_len256_acc4`, and `_multigpu` for one process per GPU."
+        return (f"bs{self.per_device_train_batch_size}" + (f"_len{length}" if length else '') +
+                f"_acc{self.gradient_accumulation_steps}" + ('_multigpu' if self.multi_gpu else ''))
+
     def length_name(self) -> str:
         "The length part of run names: `steps100` or `ep5`."
         return f"steps{self.max_steps}" if self.max_steps > 0 else f"ep{self.num_train_epochs:g}"
+
+# %% ../nbs/06a_hftrain.ipynb #a9b7c0bb
+class JobData(NamedTuple):
+    "A job's formatted training and held-out rows, the spec of each source (by key), a description and notes."
+    train: object
+    held: object
+    specs: dict
+    desc: str
+    notes: list
+
+def load_job_data(job:HFTrainJob,    # the job: its dataset or mixture, caps, splits and seed
+                  mode:str|None=None # 'sft', 'pretrain' or 'rl' (None: the job's `data_mode`)
+                 ) -> JobData:
+    "The job's dataset, or its mixture, formatted for `mode`."
+    common = dict(mode=mode or job.data_mode, max_train=job.max_train_examples or None, max_eval=job.max_eval_examples or None, seed=job.seed,
+                  data_dir=job.data_dir or None)
+    if job.datasets:
+        mx = load_mixture(job.datasets, job.configs, job.rates, stopping_strategy=job.mixture_strategy, **common)
+        return JobData(mx.train, mx.eval, mx.specs, mx.describe(), [f"{k}: {s.notes}" for k, s in mx.specs.items() if s.notes])
+    td = load_task(job.dataset, job.dataset_config or None, train_split=job.train_split or None, eval_split=job.eval_split or None, **common)
+    return JobData(td.train, td.eval, {td.spec.key: td.spec},
+                   f"{td.spec.key} ({td.spec.task}): {len(td.train):,} train rows, {len(td.eval):,} held-out rows", td.notes)
 
 # %% ../nbs/06a_hftrain.ipynb #5143cc9c
 def hf_precision(job:HFTrainJob, device:torch.device) -> dict:
@@ -100,12 +231,21 @@ class Preflight(NamedTuple):
     precision: dict
     resume: ResumePoint|None
 
+def join_process_group(job:HFTrainJob, device:torch.device):
+    "Under torchrun, start the process group with the job's `ddp_backend` (the trainer and the run folder then share it)."
+    from accelerate import PartialState
+    try: PartialState(cpu=device.type == 'cpu', backend=job.ddp_backend or None)
+    except ValueError as e:
+        raise ConfigError(f"ddp_backend={job.ddp_backend!r} cannot run on {device.type}: {e}.",
+                          fix="leave ddp_backend empty (nccl on CUDA, gloo on the CPU), or use gloo on the CPU.") from None
+
 def preflight(job:HFTrainJob) -> Preflight:
     "The launch, device, precision flags and resume point of a trainer job, checked before anything is loaded or written."
     launch = launch_info()
     device = check_launch(get_device(job.device), launch, job.multi_gpu)
     precision = hf_precision(job, device)
     resolve_model_source(job.start_model())   # an unknown model fails here, before the data are loaded
+    if launch.distributed: join_process_group(job, device)
     return Preflight(launch, device, precision, resume_point(job))
 
 # %% ../nbs/06a_hftrain.ipynb #9b7f53bb
@@ -116,17 +256,25 @@ def planned_steps(n_train:int, batch_size:int, grad_accum:int, world_size:int, n
     per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
     return math.ceil(num_train_epochs * per_epoch)
 
+def eval_arguments(job:HFTrainJob) -> dict:
+    "The trainer's evaluation settings: when (every eval_steps, or every checkpoint for the best one), at the start, and the best checkpoint."
+    every = job.eval_steps or (job.save_interval() if job.load_best_model_at_end else 0)
+    return dict(eval_strategy=job.evaluation(), eval_steps=every or None, eval_on_start=job.eval_on_start,
+                load_best_model_at_end=job.load_best_model_at_end,
+                metric_for_best_model=job.metric_for_best_model if job.load_best_model_at_end else None)
+
 def training_arguments(job:HFTrainJob, run_dir:Path, learning_rate:float, pf:Preflight, quiet:bool=False, **overrides) -> dict:
-    "The keyword arguments of the trainer's config that every job shares: batches, schedule, logging, checkpoints, precision."
+    "The keyword arguments of the trainer's config that every job shares: batches, schedule, logging, evaluation, checkpoints, precision."
     dev, ws = pf.device, pf.launch.world_size
     return dict(
         output_dir=str(Path(run_dir)/'checkpoints'), per_device_train_batch_size=job.per_device_train_batch_size,
         gradient_accumulation_steps=job.gradient_accumulation_steps, learning_rate=learning_rate, lr_scheduler_type=job.lr_scheduler_type,
         warmup_steps=job.warmup_steps, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm, num_train_epochs=job.num_train_epochs,
-        max_steps=job.max_steps, logging_steps=job.logging_steps, logging_first_step=True, report_to='none', seed=job.seed,
+        max_steps=job.max_steps, logging_steps=job.logging_interval(), logging_first_step=True, report_to='none', seed=job.seed,
         data_seed=job.seed, use_cpu=dev.type == 'cpu', dataloader_pin_memory=dev.type == 'cuda', disable_tqdm=quiet or not pf.launch.is_main,
-        save_strategy='steps' if job.save_steps else 'no', save_steps=job.save_steps or 500, save_total_limit=job.save_total_limit or None,
-        ddp_find_unused_parameters=False if ws > 1 else None, **pf.precision) | overrides
+        save_strategy='steps' if job.save_interval() else 'no', save_steps=job.save_interval() or 500, save_total_limit=job.save_total_limit or None,
+        ddp_find_unused_parameters=False if ws > 1 else None, ddp_backend=(job.ddp_backend or None) if ws > 1 else None,
+        **eval_arguments(job), **pf.precision) | overrides
 
 # %% ../nbs/06a_hftrain.ipynb #86a013e5
 class EventBridge(TrainerCallback):
@@ -153,6 +301,36 @@ def quiet_trainer(trainer, run):
     if run.quiet or not run.main:
         from transformers.trainer_callback import PrinterCallback
         trainer.remove_callback(PrinterCallback)
+
+# %% ../nbs/06a_hftrain.ipynb #7733706f
+def weight_bits(job:HFTrainJob) -> tuple[str, str]:
+    "'4bit', '8bit' or '' for the weights, and a note when a moe_load_in_* flag met a dense model."
+    bits = '4bit' if job.load_in_4bit else '8bit' if job.load_in_8bit else ''
+    moe_bits = '4bit' if job.moe_load_in_4bit else '8bit' if job.moe_load_in_8bit else ''
+    if not moe_bits or bits: return bits, ''
+    m = job.start_model()
+    info = moe_info(load_config(m))
+    if not info.is_moe: return '', f"moe_load_in_{moe_bits} ignored: {m} is a dense model (no experts in its config)"
+    if not job.use_lora:
+        raise ConfigError(f"{m} is a mixture of experts, so moe_load_in_{moe_bits} quantizes it, and quantized weights "
+                          "cannot be trained directly.", fix="add use_lora=True (QLoRA), or drop the moe_load_in_* flag.")
+    return moe_bits, f"{m} has {info.n_experts} experts ({info.n_active} active): loading in {moe_bits} (moe_load_in_{moe_bits})"
+
+def attention_request(job:HFTrainJob, device:torch.device) -> tuple[str, str]:
+    "The attn_implementation to load with, and a note when use_flash_attention falls back (why flash cannot run here)."
+    if not job.use_flash_attention: return job.attn_implementation, ''
+    dt = get_dtype(job.dtype, device)
+    why = ('FlashAttention 2 needs a CUDA device, and this run is on ' + device.type if device.type != 'cuda' else
+           'flash_attn is not installed (pip install flash-attn)' if not flash_attn_available() else
+           f'FlashAttention 2 needs fp16/bf16 compute, and this run is {dtype_name(dt)}' if dt == torch.float32 else '')
+    if not why: return 'flash_attention_2', ''
+    return 'auto', f"use_flash_attention: {why}; attention falls back to attn_implementation='auto'"
+
+def load_job_model(job:HFTrainJob, device:torch.device, bits:str=''):
+    "The job's model (a `load_model` result) on `device`, quantized when `bits` says so, with the attention `attention_request` gives."
+    attn, _ = attention_request(job, device)
+    return load_model(job.start_model(), device=str(device), dtype='auto' if bits else 'fp32', attn_implementation=attn,
+                      seed=job.seed, load_in_4bit=bits == '4bit', load_in_8bit=bits == '8bit')
 
 # %% ../nbs/06a_hftrain.ipynb #f3e5ded2
 def with_lora(model, job:HFTrainJob):
@@ -184,3 +362,94 @@ def train_figures(out, run_dir:Path, learning_rate:float, train_time:float) -> d
     return {'train_loss': out.training_loss, 'final_loss': next((r['loss'] for r in reversed(records) if 'loss' in r), None),
             'steps': out.global_step, 'lr': learning_rate, 'train_runtime_s': round(train_time, 2),
             'steps_per_s': round(out.global_step / max(train_time, 1e-9), 3)}
+
+# %% ../nbs/06a_hftrain.ipynb #dcb55900
+def model_source(name:str) -> str:
+    "Where model `name` would be loaded from, without downloading; raises `ModelNotFoundError` as loading would."
+    src = resolve_model_source(name)
+    if src.kind == 'preset': return f"{name} (offline preset: random weights, the real tokenizer)"
+    if src.kind == 'local': return f"{name} (local folder {src.path})"
+    if src.offline: return f"{name} (hub id, in the local Hugging Face cache)"
+    from huggingface_hub import try_to_load_from_cache
+    cached = isinstance(try_to_load_from_cache(name, 'config.json'), str)
+    return f"{name} (hub id, {'in the local Hugging Face cache' if cached else 'not cached: would download'})"
+
+def dataset_source(name:str,            # catalogue name, generated sample, hub id or local path
+                   config:str|None=None, # its config
+                   mode:str='sft',       # the mode it is formatted for
+                   data_dir=None         # local mirror of hub datasets (None: $LLMWB_DATA_DIR)
+                  ) -> str:
+    "Where dataset `name` would be read from, without loading it; raises as loading would for a name, config or mode that cannot be used."
+    s = str(name).strip()
+    p = Path(s).expanduser()
+    if s in ('sample-imdb', 'sample-arithmetic'): spec, hf_id = (get_spec('imdb', config) if s == 'sample-imdb' else SAMPLE_ARITHMETIC.resolve(config)), None
+    elif p.exists(): return f"{s} (local {'folder' if p.is_dir() else 'file'}; its task is read from its columns)"
+    elif looks_like_path(s, DATA_SUFFIXES): raise DatasetNotFoundError(f"No dataset at {s!r}: the path does not exist.",
+                                                                     fix="check the path, or use a catalogue name (llmwb datasets).")
+    else:
+        try: spec = get_spec(s, config)
+        except DatasetNotFoundError:
+            if '/' not in s: raise   # an unknown bare name: the closest registered ones are suggested
+            spec = None              # a hub id outside the catalogue: its task is read from its columns when loaded
+        hf_id = spec.hf_id if spec else s
+    if spec is not None and mode not in spec.modes:
+        raise DatasetError(f"Dataset {spec.key!r} ({spec.task}) does not support mode {mode!r}.", expected=f"one of its modes: {', '.join(spec.modes)}",
+                           fix="pick another dataset, or another job.")
+    key = spec.key if spec else s
+    if hf_id is None: return f"{s} (generated offline; as {key})"
+    if (m := mirror_path(hf_id, data_dir)) is not None: return f"{key} ({hf_id}): local mirror {m}"
+    if in_hf_cache(hf_id): return f"{key} ({hf_id}): in the local datasets cache"
+    if hub_reachable(): return f"{key} ({hf_id}): hub, not cached: would {'stream' if spec and spec.streaming else 'download'}"
+    raise DatasetNotFoundError(f"Dataset {hf_id!r} is not in the local mirror ({DATA_DIR_ENV}={data_dir or os.environ.get(DATA_DIR_ENV) or 'unset'}) nor in the local "
+                               "datasets cache, and the Hugging Face hub cannot be reached.",
+                               fix=f"point {DATA_DIR_ENV} (or data_dir) at a mirror holding {hf_id}/ (`llmwb fixtures DIR` writes the offline fixtures).")
+
+# %% ../nbs/06a_hftrain.ipynb #3d3fc939
+_MAY_BE_ELSEWHERE = re.compile(r'cuda(:\d+)?|mps')
+
+def _would_stop(what:str, why) -> str: return f"{what} (not possible here: {str(getattr(why, 'what', why)).rstrip('.')}; the run would stop)"
+
+def machine_plan(job:HFTrainJob) -> dict:
+    "The device, processes, precision, attention and quantization a run would get here; what this machine cannot do is said, not raised."
+    d = job.device.strip().lower()
+    try: dev = get_device(d); out = {'device': str(dev)}
+    except DeviceError as e:
+        if not _MAY_BE_ELSEWHERE.fullmatch(d): raise   # not a device name anywhere
+        dev = torch.device(d); out = {'device': _would_stop(d, e)}
+    n = torch.cuda.device_count()
+    if job.multi_gpu:
+        procs = f"one per CUDA device ({job.ddp_backend or 'nccl'})"
+        out['processes'] = procs + f": {n} here, started with torchrun" if n > 1 else _would_stop(procs, f"{n} CUDA device(s)")
+    try: hf_precision(job, dev); out['precision'] = dtype_name(get_dtype(job.dtype, dev)) + ('' if job.dtype == 'auto' else ' (asked for)')
+    except ConfigError as e: out['precision'] = _would_stop(job.dtype, e)
+    impl, note = attention_request(job, dev)
+    try: ch = resolve_attention(impl, dev, get_dtype(job.dtype, dev)); out['attention'] = f"{ch.impl} ({ch.reason})" + (f"; {note}" if note else '')
+    except LlmwbError as e: out['attention'] = _would_stop(impl, e)
+    out.update(quantization_plan(job, dev))
+    every = job.eval_steps or (job.save_interval() if job.load_best_model_at_end else 0)
+    out['checkpoints'] = f"every {job.save_interval()} steps" if job.save_interval() else 'none'
+    out['evaluation'] = job.evaluation() + (f" every {every} steps" if job.evaluation() == 'steps' and every else '') + \
+                        (', and before the first step' if job.eval_on_start else '') + (f"; best checkpoint by {job.metric_for_best_model}" if job.load_best_model_at_end else '')
+    out['logging'] = f"every {job.logging_interval()} steps"
+    return out
+
+def quantization_plan(job:HFTrainJob, dev:torch.device) -> dict:
+    "The 4/8-bit loading a run would do (a `moe_load_in_*` flag needs the model's config: read when it is local or cached)."
+    if not any((job.load_in_4bit, job.load_in_8bit, job.moe_load_in_4bit, job.moe_load_in_8bit)): return {}
+    src = resolve_model_source(job.start_model())
+    if not (job.load_in_4bit or job.load_in_8bit) and src.kind == 'hub' and not src.offline:
+        return {'quantization': "decided by the model's config once it is downloaded (4/8 bits for a mixture of experts, else none)"}
+    bits, note = weight_bits(job)
+    if not bits: return {'quantization': f"none ({note})"}
+    from llmwb.models import quantization_config
+    try: quantization_config(bits == '4bit', bits == '8bit', str(dev)); return {'quantization': bits + (f" ({note})" if note else '')}
+    except LlmwbError as e: return {'quantization': _would_stop(bits, e)}
+
+def hf_plan(job:HFTrainJob, data:bool=True) -> dict:
+    "A trainer job's `plan`: its model and data sources (with `data`) and what the machine gives it, resolved without downloading or writing."
+    out = {'model': model_source(job.start_model())}
+    if data and job.datasets:
+        for n, c, r in zip(job.datasets, job.configs, job.rates):
+            out[f"dataset {n}{'/' + c if c else ''} (rate {r:g})"] = dataset_source(n, c, job.data_mode, job.data_dir or None)
+    elif data: out['dataset'] = dataset_source(job.dataset, job.dataset_config or None, job.data_mode, job.data_dir or None)
+    return out | machine_plan(job)

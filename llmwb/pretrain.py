@@ -11,20 +11,28 @@ from typing import NamedTuple
 
 import torch
 from .core import ConfigError, MetricsLog, RunResult, Run, fmt_num, get_dtype, dtype_name, plot_metrics, set_seed, atomic_write, open_run
-from .hftrain import (HFTrainJob, Preflight, preflight, planned_steps, training_arguments, EventBridge, split_callbacks, quiet_trainer,
-                           with_lora, save_outputs, train_figures)
-from .registry import load_task, get_spec
-from .models import load_model, trainable_summary
+from .hftrain import (HFTrainJob, Preflight, preflight, load_job_data, planned_steps, training_arguments, EventBridge, split_callbacks,
+                           quiet_trainer, weight_bits, attention_request, load_job_model, with_lora, save_outputs, train_figures, hf_plan)
+from .registry import load_task
+from .models import load_model, load_config, resolve_model_source, trainable_summary
 from .packing import pack_dataset, PackedCollator, PackingStats, enable_packed_attention, chunk_spans
 
 # %% auto #0
-__all__ = ['PretrainJob', 'tokenize_documents', 'CacheRows', 'CacheRowsSampler', 'PretrainData', 'prepare_pretrain_data',
-           'warmup_for', 'pretrain_facts', 'build_pretrain_trainer', 'perplexity', 'train_pretrain']
+__all__ = ['check_row_length', 'PretrainJob', 'tokenize_documents', 'CacheRows', 'CacheRowsSampler', 'PretrainData',
+           'prepare_pretrain_data', 'warmup_for', 'pretrain_facts', 'build_pretrain_trainer', 'perplexity',
+           'train_pretrain']
 
 # %% ../nbs/07a_pretrain.ipynb #554e9697
+def check_row_length(config, seq_len:int, model:str):
+    "Refuse rows longer than the model's positions (learned position embeddings have no row past their last)."
+    n = getattr(config, 'max_position_embeddings', None) or getattr(config, 'n_positions', None)
+    if n and seq_len > n:
+        raise ConfigError(f"Rows of {seq_len} tokens are longer than {model}'s {n} positions.",
+                          fix=f"use max_length={n} or less, or a model with a longer context.")
+
 @dataclass
 class PretrainJob(HFTrainJob):
-    "Causal-LM pretraining on raw text or a packed-sequence cache."
+    "Causal-LM pretraining on raw text (one corpus or a mixture) or a packed-sequence cache."
     model: str = 'tiny-gpt2'          # offline preset (random weights: from scratch), local folder, or hub id (continued pretraining)
     dataset: str = 'sample-imdb'      # text corpus: catalogue name (wikitext, bookcorpus, ...), a hub id or a local path
     cache_dir: str = ''               # train on this packed-sequence cache (build_cache.ipynb) instead of dataset
@@ -34,34 +42,45 @@ class PretrainJob(HFTrainJob):
     packing: bool = True              # documents share rows but not attention (False: text gets one padded row per document, a cache is one stream)
     learning_rate: float|None = None  # peak learning rate (None: 1e-3 for a preset, 2e-4 for LoRA, 5e-5 for a pretrained model)
     warmup_steps: float = 0.05        # a fraction of all steps (of the estimated full cache) if below 1, else a number of steps
-    eval_steps: int = 0               # held-out loss every this many steps (0: before and after training only)
     resume_from_checkpoint: str = ''  # latest, or a run or checkpoint folder: continue that run (a grown cache is picked up)
 
+    data_mode = 'pretrain'
     # what must match for a run to be continued (the cache may have grown: its size is not compared)
-    resume_fields = ('model', 'dataset', 'dataset_config', 'cache_dir', 'data_dir', 'train_split', 'max_train_examples', 'max_eval_examples',
-                     'max_length', 'packing', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'seed', 'use_lora', 'lora_r',
-                     'lora_alpha', 'lora_target_modules')
+    resume_fields = ('model', 'dataset', 'dataset_config', 'datasets', 'configs', 'rates', 'mixture_strategy', 'cache_dir', 'data_dir',
+                     'train_split', 'max_train_examples', 'max_eval_examples', 'max_length', 'packing', 'per_device_train_batch_size',
+                     'gradient_accumulation_steps', 'seed', 'use_lora', 'lora_r', 'lora_alpha', 'lora_target_modules', 'load_in_4bit',
+                     'load_in_8bit', 'moe_load_in_4bit', 'moe_load_in_8bit')
 
     def validate(self):
         super().validate()
         if self.max_length < 1: raise ConfigError(f"max_length must be >= 1, got {self.max_length}.")
-        if self.eval_steps < 0: raise ConfigError(f"eval_steps must be >= 0, got {self.eval_steps}.")
         if self.cache_dir and not (Path(self.cache_dir).expanduser()/'manifest.json').exists():
             raise ConfigError(f"cache_dir {self.cache_dir!r} holds no cache (no manifest.json).",
                               fix="build one with build_cache.ipynb / llmwb.cache.build_cache, or point cache_dir at its folder.")
+        if self.cache_dir and self.datasets:
+            raise ConfigError("cache_dir and datasets both say what to train on.", fix="give a cache (cache_dir) or a mixture (datasets), not both.")
+
+    def seq_len(self) -> int:
+        "The row length: the cache's seq_len with cache_dir, else max_length."
+        if not self.cache_dir: return self.max_length
+        return json.loads((Path(self.cache_dir).expanduser()/'manifest.json').read_text())['seq_len']
 
     def data_name(self) -> str:
-        "The data part of run names: the cache folder's name, or the corpus."
-        if self.cache_dir: return 'cache-' + Path(self.cache_dir).name
-        if self.dataset == 'sample-imdb' or Path(self.dataset).exists(): return Path(self.dataset).stem
-        try: return get_spec(self.dataset, self.dataset_config or None).short_name()
-        except Exception: return self.dataset.rstrip('/').split('/')[-1]
+        "The data part of run names: the cache folder's name, or the corpus (or mixture)."
+        return 'cache-' + Path(self.cache_dir).name if self.cache_dir else super().data_name()
 
     def run_name(self) -> str:
         if self.name: return self.name
-        bs = self.per_device_train_batch_size * self.gradient_accumulation_steps
         lora = f"_lora{self.lora_r}" if self.use_lora else ''
-        return f"pretrain_{self.model_name()}_{self.data_name()}{lora}{'_packed' if self.packing else ''}_bs{bs}_{self.length_name()}"
+        return f"pretrain_{self.model_name()}_{self.data_name()}{lora}{'_packed' if self.packing else ''}_{self.batch_name(self.seq_len())}_{self.length_name()}"
+
+    def plan(self) -> dict:
+        "What a run would use (`--dry_run`): the model, the corpus or the cache, and what the machine gives it."
+        src = resolve_model_source(self.model)
+        if src.kind != 'hub' or src.offline: check_row_length(load_config(self.model), self.seq_len(), self.model)   # its config is here
+        if not self.cache_dir: return hf_plan(self)
+        man = json.loads((Path(self.cache_dir).expanduser()/'manifest.json').read_text())
+        return {**hf_plan(self, data=False), 'cache': f"{self.cache_dir}: {man['sequences']:,} sequences of {man['seq_len']} tokens"}
 
 # %% ../nbs/07a_pretrain.ipynb #8a5f827f
 def tokenize_documents(ds, tokenizer, max_length:int, packing:bool):
@@ -113,7 +132,7 @@ class PretrainData(NamedTuple):
     desc: str
 
 def prepare_pretrain_data(job:PretrainJob, tok, world_size:int=1) -> PretrainData:
-    "The rows of `job`'s cache or text corpus, tokenized with `tok` (refuses a cache made with another tokenizer)."
+    "The rows of `job`'s cache, text corpus or mixture, tokenized with `tok` (refuses a cache made with another tokenizer)."
     if job.cache_dir:
         from llmwb.cache import PackedCache, smart_warmup, tokenizer_fingerprint
         cache = PackedCache(job.cache_dir)
@@ -129,11 +148,10 @@ def prepare_pretrain_data(job:PretrainJob, tok, world_size:int=1) -> PretrainDat
         return PretrainData(CacheRows(cache, n_eval), CacheRows(cache, 0, n_eval), cache.seq_len, None,
                             PackedCollator(tok.pad_token_id, boundary_token=cache.eos_id if job.packing else None), sw,
                             f"cache {job.cache_dir}: {len(cache):,} sequences of {cache.seq_len} ({sw['basis']}); {n_eval} held out")
-    td = load_task(job.dataset, job.dataset_config or None, mode='pretrain', max_train=job.max_train_examples or None,
-                   max_eval=job.max_eval_examples or None, seed=job.seed, data_dir=job.data_dir or None, train_split=job.train_split or None)
-    (train, stats), (held, _) = (tokenize_documents(d, tok, job.max_length, job.packing) for d in (td.train, td.eval))
+    jd = load_job_data(job, 'pretrain')   # one corpus, or a mixture of several
+    (train, stats), (held, _) = (tokenize_documents(d, tok, job.max_length, job.packing) for d in (jd.train, jd.held))
     return PretrainData(train, held, job.max_length, stats, PackedCollator(tok.pad_token_id), None,
-                        f"{td.spec.key}: {len(td.train):,} documents -> {len(train):,} rows of {job.max_length}; {len(td.eval):,} held out")
+                        f"{jd.desc}\n  -> {len(train):,} training rows of {job.max_length}")
 
 def warmup_for(job:PretrainJob, data:PretrainData, steps:int) -> int:
     "Warmup steps: a cache's smart warmup, else the job's fraction of the planned steps (or its number of steps)."
@@ -143,14 +161,15 @@ def warmup_for(job:PretrainJob, data:PretrainData, steps:int) -> int:
 # %% ../nbs/07a_pretrain.ipynb #116004c5
 def _facts_path(run_dir:Path) -> Path: return Path(run_dir)/'facts.json'
 
-def pretrain_facts(job:PretrainJob, lm, params:dict, pf:Preflight, data:PretrainData, steps:int, warmup:int) -> dict:
+def pretrain_facts(job:PretrainJob, lm, params:dict, pf:Preflight, data:PretrainData, steps:int, warmup:int, bits:str='') -> dict:
     "The facts of a pretraining run, recorded when it starts (and in facts.json, to tell a resumed run how the data grew)."
     per_step = job.per_device_train_batch_size * job.gradient_accumulation_steps * pf.launch.world_size
     facts = {'model': job.model, 'architecture': lm.summary()['architecture'], **params, 'attn_implementation': lm.attn_implementation,
              'device': str(pf.device), 'precision': dtype_name(get_dtype(job.dtype, pf.device)), 'world_size': pf.launch.world_size,
              'effective_batch': per_step, 'n_train_rows': len(data.train), 'n_eval_rows': len(data.eval), 'seq_len': data.seq_len,
              'steps_planned': steps, 'warmup_steps': warmup, 'token_budget': per_step * data.seq_len * steps, 'packing': job.packing,
-             'lora': job.use_lora, 'data': data.desc}
+             'lora': job.use_lora, 'quantization': bits or 'none', 'evaluation': job.evaluation(), 'logging_steps': job.logging_interval(),
+             'data': data.desc}
     if data.stats: facts.update(packing_efficiency=round(data.stats.efficiency, 4), real_tokens=data.stats.real_tokens)
     return facts
 
@@ -158,8 +177,7 @@ def build_pretrain_trainer(job:PretrainJob, run:Run, model, tok, data:PretrainDa
     "transformers' Trainer on the job's rows, with the cache's shard-aware sampler and the bridge to the job's events."
     from transformers import Trainer, TrainingArguments
     args = TrainingArguments(**training_arguments(job, run.run_dir, lr, pf, run.quiet, warmup_steps=warmup, remove_unused_columns=False,
-                                                  per_device_eval_batch_size=job.per_device_train_batch_size,
-                                                  eval_strategy='steps' if job.eval_steps else 'no', eval_steps=job.eval_steps or None))
+                                                  per_device_eval_batch_size=job.per_device_train_batch_size))
     trainer = type('PretrainTrainer', (_CacheTrainer, Trainer), {})(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
         processing_class=tok, callbacks=[EventBridge(run), *callbacks])
@@ -186,22 +204,25 @@ def train_pretrain(job:PretrainJob,       # the job to run
     with Run(job, events, quiet) as run:
         with run.phase('data'):
             pf = preflight(job)
-            lm = load_model(job.model, device=str(pf.device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
+            bits, quant_note = weight_bits(job)
+            lm = load_job_model(job, pf.device, bits)
             if lm.is_seq2seq:
                 raise ConfigError(f"{job.model} is an encoder-decoder; pretrain trains causal LMs on next-token loss.",
                                   fix="use a decoder-only model (tiny-gpt2, gpt2, a Llama, ...).")
             tok, resume = lm.tokenizer, pf.resume
             data = prepare_pretrain_data(job, tok, pf.launch.world_size)
+            check_row_length(lm.model.config, data.seq_len, job.model)
             if job.packing: enable_packed_attention(lm.model)
             model = with_lora(lm.model, job)
         steps = planned_steps(len(data.train), job.per_device_train_batch_size, job.gradient_accumulation_steps, pf.launch.world_size,
                               job.num_train_epochs, job.max_steps)
         warmup, params = warmup_for(job, data, steps), trainable_summary(model)
         lr = job.learning_rate or (1e-3 if lm.source.kind == 'preset' else 2e-4 if job.use_lora else 5e-5)
-        facts = pretrain_facts(job, lm, params, pf, data, steps, warmup)
+        facts = pretrain_facts(job, lm, params, pf, data, steps, warmup, bits)
         run_dir = run.open(open_run(job, pf.launch, resume, pf.device), facts, resumed=resume is not None)
         run.say(f"run folder: {run_dir}" + (f" (resuming from {resume.checkpoint.name})" if resume else ''))
-        run.say(f"model: {job.model} ({params['total_params']:,} params) on {pf.device}, attention {lm.attn_implementation}")
+        run.say(f"model: {job.model} ({params['total_params']:,} params, {params['trainable_params']:,} trainable) on {pf.device}, "
+                f"attention {lm.attn_implementation}: {lm.attn_reason}" + ''.join(f"\n  note: {n}" for n in (quant_note, attention_request(job, pf.device)[1]) if n))
         run.say(f"data: {data.desc}" + (f"\npacking: {data.stats}" if data.stats and job.packing else ''))
         if resume and _facts_path(run_dir).exists(): _say_growth(run, facts)
         run.say(f"steps: {steps:,} ({facts['effective_batch']} rows of {data.seq_len} per step), warmup {warmup:,}")
@@ -226,7 +247,7 @@ def train_pretrain(job:PretrainJob,       # the job to run
             run.log_eval(out.global_step, perplexity=perplexity(after['eval_loss']))
             run.say(f"held-out loss {after['eval_loss']:.3f} (perplexity {perplexity(after['eval_loss']):,.1f}) after {out.global_step:,} steps")
         with run.phase('save'):
-            model = save_outputs(run_dir, model, tok, job)
+            model = save_outputs(run_dir, model, tok, job, quantized=bool(bits))
             plot_metrics(MetricsLog(run_dir).read(), ['loss', 'eval_loss', 'learning_rate'], run_dir/'plots'/'loss.png',
                          title=f"pretrain {job.model} on {job.data_name()}")
         metrics = run.end({

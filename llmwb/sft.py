@@ -8,23 +8,21 @@ import os, json, time
 import matplotlib.pyplot as plt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from .core import (ConfigError, LlmwbError, RunResult, Run, MetricsLog, fmt_num, get_dtype, dtype_name, plot_metrics, set_seed, atomic_write,
+from .core import (ConfigError, RunResult, Run, MetricsLog, fmt_num, get_dtype, dtype_name, plot_metrics, set_seed, atomic_write,
                         open_run, resume_point)
-from .hftrain import (HFTrainJob, Preflight, preflight, planned_steps, training_arguments, EventBridge, split_callbacks, quiet_trainer,
-                           with_lora, save_outputs, score_line, train_figures)
-from .registry import load_task, get_spec
-from .mixtures import load_mixture, check_mixture, mixture_name, STRATEGIES
+from .hftrain import (HFTrainJob, JobData, load_job_data, Preflight, preflight, planned_steps, training_arguments, EventBridge,
+                           split_callbacks, quiet_trainer, weight_bits, attention_request, load_job_model, with_lora, save_outputs,
+                           score_line, train_figures)
 from .evaluation import generative_eval, plot_confusion
-from .models import load_model, load_config, moe_info, quantization_config, trainable_summary
+from .models import load_model, trainable_summary
 from .packing import pack_dataset, PackedCollator, enable_packed_attention, inner_lm, plain_head
 
 # %% auto #0
-__all__ = ['BEST_METRICS', 'SFTJob', 'CompletionSFTTrainer', 'SFTData', 'prepare_sft_data', 'weight_bits', 'load_sft_model',
-           'default_learning_rate', 'seq2seq_features', 'tokenize_completions', 'pack_sft_data', 'sft_facts',
-           'build_sft_trainer', 'generative_scores', 'one_score', 'sft_metrics', 'train_sft']
+__all__ = ['BEST_METRICS', 'SFTJob', 'CompletionSFTTrainer', 'sft_data', 'load_sft_model', 'default_learning_rate',
+           'seq2seq_features', 'tokenize_completions', 'pack_sft_data', 'sft_facts', 'build_sft_trainer',
+           'generative_scores', 'one_score', 'sft_metrics', 'train_sft']
 
 # %% ../nbs/07_sft.ipynb #198a4114
 BEST_METRICS = ('eval_loss', 'eval_mean_token_accuracy')
@@ -34,10 +32,6 @@ class SFTJob(HFTrainJob):
     "Supervised fine-tuning of a causal LM (or an encoder-decoder) on prompt/completion pairs."
     model: str = 'tiny-gpt2'          # offline preset (tiny-gpt2, tiny-t5, tiny-bart), local folder, or hub id (e.g. gpt2)
     dataset: str = 'sample-imdb'      # catalogue name (imdb, glue, gsm8k, ...), sample-imdb, a hub id, or a local path
-    datasets: list|None = None        # a mixture instead of one dataset, e.g. imdb,glue
-    configs: list|None = None         # the mixture's configs, one per dataset (none where there is none), e.g. none,sst2
-    rates: list|None = None           # the mixture's shares, summing to 1, e.g. 0.7,0.3
-    mixture_strategy: str = 'first_exhausted'  # first_exhausted stops when a source runs out; all_exhausted over-samples
     eval_split: str = ''              # held-out split for generative evaluation ('' for the dataset's own)
     max_eval_examples: int = 500      # cap on held-out examples scored before and after (0: all)
     max_length: int = 256             # longest tokenized prompt+completion (truncated), or the packed row length
@@ -45,15 +39,11 @@ class SFTJob(HFTrainJob):
     num_train_epochs: float = 5.0     # passes over the training data
     per_device_train_batch_size: int = 32  # examples per process per step
     learning_rate: float|None = None  # peak learning rate (None: 1e-3 for a preset, 2e-4 for LoRA, 5e-5 for full fine-tuning)
-    load_in_4bit: bool = False        # 4-bit NF4 weights through bitsandbytes (CUDA; QLoRA with use_lora)
-    load_in_8bit: bool = False        # 8-bit weights through bitsandbytes (CUDA; with use_lora)
-    moe_load_in_4bit: bool = False    # 4-bit loading when the model is a mixture of experts (dense models load as usual)
-    moe_load_in_8bit: bool = False    # 8-bit loading when the model is a mixture of experts
-    load_best_model_at_end: bool = False  # evaluate at each checkpoint and finish with the best one
     metric_for_best_model: str = 'eval_loss'  # eval_loss or eval_mean_token_accuracy (causal LMs)
     eval_max_new_tokens: int = 0      # tokens generated per held-out prompt (0 by task: a label, a letter, a solution)
     per_device_eval_batch_size: int = 64  # prompts per generation batch
 
+    best_metrics = BEST_METRICS
     # what must match for a run to be continued: the model, the data and how they are batched
     resume_fields = ('model', 'dataset', 'dataset_config', 'datasets', 'configs', 'rates', 'mixture_strategy', 'data_dir', 'train_split',
                      'max_train_examples', 'max_length', 'packing', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'seed',
@@ -64,41 +54,13 @@ class SFTJob(HFTrainJob):
         for k in ('max_length', 'per_device_eval_batch_size'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if self.eval_max_new_tokens < 0: raise ConfigError(f"eval_max_new_tokens must be >= 0 (0 = by task), got {self.eval_max_new_tokens}.")
-        if self.datasets or self.configs or self.rates:
-            self.datasets, self.configs, self.rates = check_mixture(self.datasets, self.configs, self.rates)
-            if self.dataset_config: raise ConfigError("dataset_config applies to a single dataset; a mixture takes configs=.",
-                                                      fix="put the config in configs=, one per dataset.")
-        if self.mixture_strategy not in STRATEGIES:
-            raise ConfigError(f"Unknown mixture_strategy {self.mixture_strategy!r}.", expected=f"one of {', '.join(STRATEGIES)}")
-        if (self.load_in_4bit or self.moe_load_in_4bit) and (self.load_in_8bit or self.moe_load_in_8bit):
-            quantization_config(load_in_4bit=True, load_in_8bit=True)   # raises: both requested
-        if (self.load_in_4bit or self.load_in_8bit) and not self.use_lora:
-            raise ConfigError("Quantized weights cannot be trained directly: 4/8-bit loading needs LoRA adapters to train.",
-                              fix="add use_lora=True (QLoRA), or drop load_in_4bit/load_in_8bit for full fine-tuning.")
-        if self.load_best_model_at_end and not self.save_steps:
-            raise ConfigError("load_best_model_at_end picks among checkpoints, and save_steps=0 saves none.",
-                              fix="set save_steps (e.g. save_steps=50), or drop load_best_model_at_end.")
-        if self.metric_for_best_model not in BEST_METRICS:
-            raise ConfigError(f"Unknown metric_for_best_model {self.metric_for_best_model!r}.", expected=f"one of {', '.join(BEST_METRICS)}")
 
     def run_name(self) -> str:
         if self.name: return self.name
         lr = f"_lr{fmt_num(self.learning_rate)}" if self.learning_rate else ''
         lora = f"_lora{self.lora_r}" if self.use_lora else ''
         packed = '_packed' if self.packing else ''
-        bs = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        return f"sft_{self.model_name()}_{self.data_name()}{lora}{packed}{lr}_bs{bs}_{self.length_name()}"
-
-    def data_name(self) -> str:
-        "The data part of run names: 'sample-imdb', 'glue-sst2', 'mix_imdb-sentiment-70_glue-sst2-30', or a file's stem."
-        def one(name, cfg):
-            if name == 'sample-imdb': return name
-            try: return get_spec(name, cfg or None).short_name()
-            except LlmwbError: return Path(name).stem if Path(name).suffix else name.rstrip('/').split('/')[-1]
-        if self.datasets:
-            try: return mixture_name([get_spec(n, c) for n, c in zip(self.datasets, self.configs)], self.rates)
-            except LlmwbError: return 'mix_' + '_'.join(f"{one(n, c)}-{round(r * 100)}" for n, c, r in zip(self.datasets, self.configs, self.rates))
-        return one(self.dataset, self.dataset_config)
+        return f"sft_{self.model_name()}_{self.data_name()}{lora}{packed}{lr}_{self.batch_name(self.max_length)}_{self.length_name()}"
 
 # %% ../nbs/07_sft.ipynb #68177356
 from trl import SFTTrainer
@@ -161,44 +123,14 @@ class CompletionSFTTrainer(SFTTrainer):
         return loss
 
 # %% ../nbs/07_sft.ipynb #afb4fa55
-class SFTData(NamedTuple):
-    "The formatted training and held-out rows, the spec of each source, a description and notes."
-    train: object
-    held: object
-    specs: dict
-    desc: str
-    notes: list
-
-def prepare_sft_data(job:SFTJob) -> SFTData:
-    "The job's data, formatted for SFT (raises before any run folder exists)."
-    common = dict(mode='sft', max_train=job.max_train_examples or None, max_eval=job.max_eval_examples or None, seed=job.seed,
-                  data_dir=job.data_dir or None)
-    if job.datasets:
-        if job.train_split or job.eval_split:
-            raise ConfigError("train_split/eval_split apply to a single dataset; a mixture uses each source's own splits.")
-        mx = load_mixture(job.datasets, job.configs, job.rates, stopping_strategy=job.mixture_strategy, **common)
-        return SFTData(mx.train, mx.eval, mx.specs, mx.describe(), [f"{k}: {s.notes}" for k, s in mx.specs.items() if s.notes])
-    td = load_task(job.dataset, job.dataset_config or None, train_split=job.train_split or None, eval_split=job.eval_split or None, **common)
-    return SFTData(td.train, td.eval, {td.spec.key: td.spec},
-                   f"{td.spec.key} ({td.spec.task}): {len(td.train):,} train rows, {len(td.eval):,} held-out rows", td.notes)
+def sft_data(job:SFTJob) -> JobData:
+    "The job's dataset or mixture as prompt/completion pairs (raises before any run folder exists)."
+    return load_job_data(job, 'sft')
 
 # %% ../nbs/07_sft.ipynb #c8b8a23e
-def weight_bits(job:SFTJob) -> tuple[str, str]:
-    "'4bit', '8bit' or '' for the weights, and a note when a moe_load_in_* flag met a dense model."
-    bits = '4bit' if job.load_in_4bit else '8bit' if job.load_in_8bit else ''
-    moe_bits = '4bit' if job.moe_load_in_4bit else '8bit' if job.moe_load_in_8bit else ''
-    if not moe_bits or bits: return bits, ''
-    info = moe_info(load_config(job.model))
-    if not info.is_moe: return '', f"moe_load_in_{moe_bits} ignored: {job.model} is a dense model (no experts in its config)"
-    if not job.use_lora:
-        raise ConfigError(f"{job.model} is a mixture of experts, so moe_load_in_{moe_bits} quantizes it, and quantized weights "
-                          "cannot be trained directly.", fix="add use_lora=True (QLoRA), or drop the moe_load_in_* flag.")
-    return moe_bits, f"{job.model} has {info.n_experts} experts ({info.n_active} active): loading in {moe_bits} (moe_load_in_{moe_bits})"
-
 def load_sft_model(job:SFTJob, device:torch.device, bits:str):
-    "The job's model (a `load_model` result) on `device`, quantized when `bits` says so."
-    lm = load_model(job.model, device=str(device), dtype='auto' if bits else 'fp32', attn_implementation=job.attn_implementation,
-                    seed=job.seed, load_in_4bit=bits == '4bit', load_in_8bit=bits == '8bit')
+    "The job's model (a `load_model` result) on `device`, quantized when `bits` says so; packing needs a causal LM."
+    lm = load_job_model(job, device, bits)
     if job.packing and lm.is_seq2seq:
         raise ConfigError(f"packing=True packs rows for causal LMs, and {job.model} is an encoder-decoder.", fix="drop packing for T5/BART models.")
     return lm
@@ -244,7 +176,7 @@ def pack_sft_data(train_ds, held_ds, tokenizer, max_length:int):
     return tr, ev, st
 
 # %% ../nbs/07_sft.ipynb #9179ba6e
-def sft_facts(job:SFTJob, lm, params:dict, pf:Preflight, data:SFTData, packed, bits:str) -> dict:
+def sft_facts(job:SFTJob, lm, params:dict, pf:Preflight, data:JobData, packed, bits:str) -> dict:
     "The facts of an SFT run, recorded when it starts."
     ws, acc = pf.launch.world_size, job.gradient_accumulation_steps
     steps = planned_steps(len(packed[0]) if packed else len(data.train), job.per_device_train_batch_size, acc, ws, job.num_train_epochs, job.max_steps)
@@ -254,17 +186,15 @@ def sft_facts(job:SFTJob, lm, params:dict, pf:Preflight, data:SFTData, packed, b
              'world_size': ws, 'effective_batch': job.per_device_train_batch_size * ws * acc, 'steps_planned': steps,
              'token_budget': job.per_device_train_batch_size * job.max_length * steps * ws * acc, 'data': data.desc,
              'sources': ', '.join(data.specs), 'rates': ', '.join(map(str, job.rates)) if job.rates else '1', 'n_train': len(data.train),
-             'n_eval': len(data.held), 'packing': job.packing}
+             'n_eval': len(data.held), 'packing': job.packing, 'evaluation': job.evaluation(), 'logging_steps': job.logging_interval()}
     if packed: facts.update(packed_rows=packed[2].n_rows, packing_efficiency=round(packed[2].efficiency, 4))
     return facts
 
 # %% ../nbs/07_sft.ipynb #1493a56f
-def build_sft_trainer(job:SFTJob, run:Run, lm, model, data:SFTData, packed, lr:float, pf:Preflight, callbacks:list):
+def build_sft_trainer(job:SFTJob, run:Run, lm, model, data:JobData, packed, lr:float, pf:Preflight, callbacks:list):
     "The trainer of an SFT run, with the job's arguments and the bridge to its events."
     from trl import SFTConfig
-    best = dict(load_best_model_at_end=job.load_best_model_at_end, eval_strategy='steps' if job.load_best_model_at_end else 'no',
-                metric_for_best_model=job.metric_for_best_model if job.load_best_model_at_end else None, eval_steps=job.save_steps or None)
-    args = training_arguments(job, run.run_dir, lr, pf, run.quiet, per_device_eval_batch_size=job.per_device_eval_batch_size, **best)
+    args = training_arguments(job, run.run_dir, lr, pf, run.quiet, per_device_eval_batch_size=job.per_device_eval_batch_size)
     cbs = [EventBridge(run), *callbacks]
     if lm.is_seq2seq:
         from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, DataCollatorForSeq2Seq
@@ -297,7 +227,7 @@ def _strip(per_source:dict) -> dict:
     "Per-source metrics for metrics.json: rounded, the confusion matrix kept."
     return {k: {n: (round(v, 4) if isinstance(v, float) else v) for n, v in m.items()} for k, m in per_source.items()}
 
-def sft_metrics(job:SFTJob, run:Run, data:SFTData, lm, params:dict, facts:dict, before:dict, after:dict, out, trainer, eval_loss:float,
+def sft_metrics(job:SFTJob, run:Run, data:JobData, lm, params:dict, facts:dict, before:dict, after:dict, out, trainer, eval_loss:float,
                 lr:float, train_time:float, resume) -> dict:
     "The final figures of an SFT run (metrics.json)."
     return {
@@ -313,13 +243,13 @@ def sft_metrics(job:SFTJob, run:Run, data:SFTData, lm, params:dict, facts:dict, 
         'samples_after': after['samples'][:5]}
 
 # %% ../nbs/07_sft.ipynb #a4129c91
-def _say_start(run:Run, job:SFTJob, lm, params:dict, facts:dict, data:SFTData, packed, quant_note:str, resume):
+def _say_start(run:Run, job:SFTJob, lm, params:dict, facts:dict, data:JobData, packed, notes:list, resume):
     run.say(f"run folder: {run.run_dir}" + (f" (resuming from {resume.checkpoint.name})" if resume else ''))
     run.say(f"model: {job.model} ({params['total_params']:,} params, {params['trainable_params']:,} trainable = "
             f"{params['trainable_pct']:.2f}%) on {facts['device']}, attention {lm.attn_implementation}: {lm.attn_reason}")
     ws = facts['world_size']
     if ws > 1: run.say(f"processes: {ws}, effective batch {facts['effective_batch']} ({job.per_device_train_batch_size} x {ws} x {job.gradient_accumulation_steps})")
-    run.say(f"data: {data.desc}" + ''.join(f"\n  note: {n}" for n in data.notes + ([quant_note] if quant_note else [])))
+    run.say(f"data: {data.desc}" + ''.join(f"\n  note: {n}" for n in data.notes + [n for n in notes if n]))
     if packed: run.say(f"packing: {packed[2]}")
 
 def train_sft(job:SFTJob,        # the job to run
@@ -332,14 +262,14 @@ def train_sft(job:SFTJob,        # the job to run
         with run.phase('data'):
             pf = preflight(job)
             bits, quant_note = weight_bits(job)
-            data = prepare_sft_data(job)
+            data = sft_data(job)
             lm = load_sft_model(job, pf.device, bits)
             packed = pack_sft_data(data.train, data.held, lm.tokenizer, job.max_length) if job.packing else None
             model = with_lora(lm.model, job)
         params, lr, resume = trainable_summary(model), default_learning_rate(job, lm), pf.resume
         facts = sft_facts(job, lm, params, pf, data, packed, bits)
         run_dir = run.open(open_run(job, pf.launch, resume, pf.device), facts, resumed=resume is not None)
-        _say_start(run, job, lm, params, facts, data, packed, quant_note, resume)
+        _say_start(run, job, lm, params, facts, data, packed, [quant_note, attention_request(job, pf.device)[1]], resume)
         evaluate = lambda: generative_eval(model, lm.tokenizer, data.held, data.specs, max_new_tokens=job.eval_max_new_tokens or None,
                                            batch_size=job.per_device_eval_batch_size)
         with run.phase('evaluate_before'):
@@ -369,6 +299,6 @@ def train_sft(job:SFTJob,        # the job to run
                     plt.close(plot_confusion(m['confusion'], m['label_names'], run_dir/'plots'/f"confusion_{k.replace('/', '_')}.png",
                                              f"{k}: held-out after training (accuracy {m['accuracy']:.3f})"))
             model = save_outputs(run_dir, model, lm.tokenizer, job, quantized=bool(bits))
-            plot_metrics(MetricsLog(run_dir).read(), ['loss', 'learning_rate'], run_dir/'plots'/'loss.png', title=f"SFT {job.model} on {job.data_name()}")
+            plot_metrics(MetricsLog(run_dir).read(), ['loss', 'eval_loss', 'learning_rate'], run_dir/'plots'/'loss.png', title=f"SFT {job.model} on {job.data_name()}")
         metrics = run.end(sft_metrics(job, run, data, lm, params, facts, before, after, out, trainer, eval_loss, lr, train_time, resume))
     return RunResult(run_dir, metrics, model, lm.tokenizer)

@@ -87,11 +87,13 @@ def training_step(self, model, inputs, *a, **k):   # record what this rank train
     return _step(self, model, inputs, *a, **k)
 S.CompletionSFTTrainer.training_step = training_step
 res = S.train_sft(S.SFTJob(max_train_examples=96, max_eval_examples=8, max_steps=6, batch_size=4, logging_steps=1,
-                           save_model=False, device='cpu', run_dir=sys.argv[1]), quiet=True)
+                           save_model=False, device='cpu', run_dir=sys.argv[1], ddp_backend='gloo'), quiet=True)
 h = hashlib.sha256()
 for k, v in sorted(res.model.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
 rank = int(os.environ['RANK'])
-json.dump({'seen': seen, 'weights': h.hexdigest(), 'steps': res.metrics['steps']}, open(f"{sys.argv[2]}/rank{rank}.json", 'w'))
+import torch.distributed as dist
+json.dump({'seen': seen, 'weights': h.hexdigest(), 'steps': res.metrics['steps'], 'backend': dist.get_backend()},
+          open(f"{sys.argv[2]}/rank{rank}.json", 'w'))
 '''
 
 def test_two_processes_ddp(runs_dir, tmp_path):
@@ -104,6 +106,7 @@ def test_two_processes_ddp(runs_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path/f'rank{i}.json').read_text()) for i in (0, 1))
     assert r0['steps'] == r1['steps'] == 6
+    assert r0['backend'] == r1['backend'] == 'gloo'                      # the job's ddp_backend (the pipeline's --ddp_backend)
     assert len(r0['seen']) == len(r1['seen']) == 24                      # 6 steps x 4 examples each
     examples = lambda r: {tuple(x[:max(i for i, t in enumerate(x) if t != 50256) + 1]) for x in r['seen']}  # padding dropped
     assert len(examples(r0)) == len(examples(r1)) == 24 and not examples(r0) & examples(r1)   # different shards
@@ -115,6 +118,14 @@ def test_two_processes_ddp(runs_dir, tmp_path):
     losses = [x for x in MetricsLog(run_dir).read() if 'loss' in x]
     assert [x['step'] for x in losses] == [1, 2, 3, 4, 5, 6]                    # logged once, by rank 0
     assert losses[0]['loss'] == pytest.approx(10.83, abs=0.5)   # ln(50257): an untrained model's loss, whatever the process count
+
+def test_ddp_backend_the_device_cannot_use_is_refused(runs_dir):
+    "Under torchrun on the CPU, --ddp_backend nccl is refused with the reason before anything is written."
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2', 'OMP_NUM_THREADS': '1'}
+    code = "from llmwb.sft import SFTJob, train_sft; train_sft(SFTJob(ddp_backend='nccl', device='cpu'), quiet=True)"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "ddp_backend='nccl' cannot run on cpu" in r.stderr, r.stderr[-2000:]
+    assert list(runs_dir.iterdir()) == []
 
 class _Interrupt(Exception): pass
 
