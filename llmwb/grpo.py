@@ -12,11 +12,13 @@ from .core import ConfigError
 from .evaluation import extract_number, numbers_match, parse_label, token_f1
 
 # %% auto #0
-__all__ = ['REWARDS', 'TASK_REWARD', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps', 'work_before_answer',
-           'math_reward', 'classification_reward', 'code_reward', 'qa_reward', 'get_reward', 'combine_rewards',
-           'RewardModelReward', 'limit_prompts', 'GRPOJob', 'cpu_sampling', 'CompactGRPOTrainer', 'reward_funcs',
-           'weighted_total', 'SampleRecorder', 'evaluate_policy', 'headline_score', 'GRPOData', 'prepare_grpo_data',
-           'grpo_facts', 'keep_reference', 'build_grpo_trainer', 'train_grpo', 'reward_curves', 'plot_rewards']
+__all__ = ['REWARDS', 'TASK_REWARD', 'DEFAULT_GROUP_SIZE', 'LOSS_TYPES', 'SCALE_REWARDS', 'completion_text', 'work_steps',
+           'work_before_answer', 'math_reward', 'classification_reward', 'code_reward', 'qa_reward', 'get_reward',
+           'combine_rewards', 'RewardModelReward', 'limit_prompts', 'implied_group_size', 'GRPOJob', 'cpu_sampling',
+           'GenerationCheckpoint', 'CompactGRPOTrainer', 'task_reward', 'reward_funcs', 'weighted_total',
+           'SampleRecorder', 'evaluate_policy', 'headline_score', 'GRPOData', 'prepare_grpo_data', 'check_lengths',
+           'grpo_facts', 'keep_reference', 'build_grpo_trainer', 'heldout_scores', 'HeldOutEvaluation', 'train_grpo',
+           'reward_curves', 'plot_rewards']
 
 # %% ../nbs/08_grpo.ipynb #deedb07e
 def completion_text(c) -> str:
@@ -185,13 +187,23 @@ def limit_prompts(ds,                    # rows with a `prompt` column
         cut[i] = t
     return ds.map(lambda r, i: {'prompt': cut.get(i, r['prompt'])}, with_indices=True), len(long)
 
+# %% ../nbs/08_grpo.ipynb #1b9832bc
+DEFAULT_GROUP_SIZE = 8   # completions per prompt when grpo_group_size is left out and the batch holds them
+
+def implied_group_size(completions:int,                  # completions sampled per optimizer step, all processes together
+                       preferred:int=DEFAULT_GROUP_SIZE  # the group wanted where the batch holds it
+                      ) -> int|None:
+    "The group size a batch of `completions` implies: the largest from 2 to `preferred` that divides it, else its smallest divisor above (None below 2)."
+    if completions < 2: return None
+    fits = [g for g in range(2, min(preferred, completions) + 1) if completions % g == 0]
+    return max(fits) if fits else next(g for g in range(preferred + 1, completions + 1) if completions % g == 0)
+
 # %% ../nbs/08_grpo.ipynb #27353f8c
 import time, math
 from dataclasses import dataclass
-from .core import LlmwbError, RunResult, Run, MetricsLog, fmt_num, atomic_write, dtype_name, get_dtype, set_seed, launch_info, open_run
-from .hftrain import (HFTrainJob, Preflight, preflight, training_arguments, EventBridge, split_callbacks, quiet_trainer, with_lora,
-                           save_outputs, score_line, train_figures)
-from .registry import load_task, get_spec
+from .core import RunResult, Run, MetricsLog, fmt_num, atomic_write, dtype_name, get_dtype, set_seed, launch_info, open_run
+from .hftrain import (HFTrainJob, Preflight, JobData, preflight, training_arguments, EventBridge, split_callbacks, quiet_trainer, with_lora,
+                           save_outputs, score_line, train_figures, load_job_data, weight_bits, load_job_model, attention_request, model_source)
 
 LOSS_TYPES = ('dapo', 'grpo', 'dr_grpo', 'bnpo')
 SCALE_REWARDS = ('group', 'batch', 'none')
@@ -202,21 +214,20 @@ class GRPOJob(HFTrainJob):
     model: str = 'tiny-gpt2'          # offline preset, local folder, or hub id (init_from takes a previous run instead)
     dataset: str = 'sample-arithmetic'  # a dataset with the rl mode: catalogue name (gsm8k, imdb, glue, ...), sample-arithmetic, hub id or path
     init_from: str = ''               # a previous run's folder (SFT or pretraining): start from the model it saved
-    eval_split: str = ''              # held-out split scored before and after ('' for the dataset's own)
-    rewards: list|None = None         # built-in rewards by name: math, classification, code, qa (None: the dataset's task)
+    rewards: list|None = None         # built-in rewards by name: math, classification, code, qa (None: each row's task, by its source)
     reward_weights: list|None = None  # one weight per reward, the reward model last (None: all 1)
     reward_model: str = ''            # a sequence-classification model (folder, run folder or hub id) whose score is a reward
     run_tests: bool = False           # code reward: run each row's tests against the completion in the sandbox
     code_timeout: float = 10.0        # code reward with run_tests: wall-clock seconds a completion's tests may take
     max_code_chars: int = 20000       # code reward: a completion whose code is longer scores 0
     grpo_beta: float = 0.0            # KL penalty against the starting model (0: no reference model is kept)
-    grpo_group_size: int = 8          # completions sampled per prompt (TRL's num_generations), at least 2
+    grpo_group_size: int|None = None  # completions sampled per prompt (TRL's num_generations), >= 2 (None: 8, or the group the batch implies)
     max_prompt_length: int = 256      # prompt tokens kept; longer prompts lose their beginning
     max_completion_length: int = 32   # tokens generated per completion
     temperature: float = 1.0          # sampling temperature of the completions
     disable_dropout: bool = True      # no dropout in the policy: the log-probabilities trained on are those it sampled with
     max_steps: int = 100              # optimizer steps (overrides num_train_epochs when > 0)
-    per_device_train_batch_size: int = 32  # completions per process per step (a multiple of grpo_group_size overall)
+    per_device_train_batch_size: int = 32  # completions per process per step (whole groups of grpo_group_size overall)
     gradient_accumulation_steps: int = 1   # gradient accumulation steps (TRL: generation batches per step)
     num_iterations: int = 1           # optimization passes over each generated batch (TRL's mu)
     epsilon: float = 0.2              # clipping range of the policy ratio
@@ -230,24 +241,37 @@ class GRPOJob(HFTrainJob):
     per_device_eval_batch_size: int = 64  # prompts per generation batch in the held-out evaluation
     num_samples: int = 4              # prompts whose completions are kept from the first and the last step
     logging_steps: int = 5            # log rewards, lengths and KL every this many steps
+    eval_strategy: str = 'auto'       # score the held-out prompts during training too: no, steps, epoch (auto: steps when eval_steps is set)
+    eval_steps: int = 0               # score the held-out prompts every this many steps (0: every logging step with eval_strategy steps)
 
+    extra_aliases = {'num_generations': 'grpo_group_size', 'beta': 'grpo_beta'}   # TRL's GRPOConfig names
+    data_mode = 'rl'
     # what must match for a run to be continued
-    resume_fields = ('model', 'init_from', 'dataset', 'dataset_config', 'data_dir', 'train_split', 'max_train_examples', 'rewards',
-                     'reward_weights', 'reward_model', 'grpo_group_size', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'seed',
-                     'use_lora', 'lora_r', 'lora_alpha', 'lora_target_modules')
+    resume_fields = ('model', 'init_from', 'dataset', 'dataset_config', 'datasets', 'configs', 'rates', 'mixture_strategy', 'data_dir',
+                     'train_split', 'max_train_examples', 'rewards', 'reward_weights', 'reward_model', 'grpo_group_size', 'per_device_train_batch_size',
+                     'gradient_accumulation_steps', 'num_iterations', 'seed', 'use_lora', 'lora_r', 'lora_alpha', 'lora_target_modules')
 
     def validate(self):
         super().validate()
-        for k in ('grpo_group_size', 'max_prompt_length', 'max_completion_length', 'num_iterations', 'per_device_eval_batch_size', 'max_code_chars'):
+        for k in ('max_prompt_length', 'max_completion_length', 'num_iterations', 'per_device_eval_batch_size', 'max_code_chars'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if self.num_samples < 0: raise ConfigError(f"num_samples must be >= 0, got {self.num_samples}.")
-        if self.grpo_group_size < 2:
-            raise ConfigError(f"grpo_group_size must be >= 2, got {self.grpo_group_size}: GRPO compares each completion with the others of its prompt.")
         if self.code_timeout <= 0: raise ConfigError(f"code_timeout must be > 0 seconds, got {self.code_timeout}.")
         if self.grpo_beta < 0: raise ConfigError(f"grpo_beta must be >= 0, got {self.grpo_beta}.")
         if self.temperature <= 0: raise ConfigError(f"temperature must be > 0, got {self.temperature}: GRPO needs sampled completions that differ.")
         for k, allowed in (('loss_type', LOSS_TYPES), ('scale_rewards', SCALE_REWARDS)):
             if getattr(self, k) not in allowed: raise ConfigError(f"Unknown {k} {getattr(self, k)!r}.", expected=f"one of {', '.join(allowed)}")
+        self.check_rewards(); self.check_groups()
+        if self.load_best_model_at_end:
+            raise ConfigError("load_best_model_at_end picks the checkpoint with the best held-out loss, and GRPO has no held-out loss: "
+                              "it scores held-out prompts by their greedy completions' metric and rewards.",
+                              fix="drop load_best_model_at_end; the held-out scores of each evaluation (eval_steps) are in metrics.jsonl as heldout/score.")
+        if self.init_from and self.model != 'tiny-gpt2':
+            raise ConfigError(f"Both model={self.model!r} and init_from={self.init_from!r} say where to start.",
+                              fix="give init_from (a previous run's folder) or model, not both.")
+
+    def check_rewards(self):
+        "The built-in rewards exist, and reward_weights has one weight per reward."
         if self.rewards is not None:
             self.rewards = [self.rewards] if isinstance(self.rewards, str) else list(self.rewards)
             for r in self.rewards: get_reward(r)   # an unknown name lists the built-in ones
@@ -257,19 +281,40 @@ class GRPOJob(HFTrainJob):
             if len(self.reward_weights) != n:
                 raise ConfigError(f"{len(self.reward_weights)} reward_weights for {n} rewards ({', '.join(self.reward_names())}).",
                                   fix="give one weight per reward, the reward model's last.")
-        ws, g, bs = launch_info().world_size, self.grpo_group_size, self.per_device_train_batch_size
-        total = bs * ws * self.gradient_accumulation_steps
-        if total % g:
-            raise ConfigError(f"The global batch (per_device_train_batch_size {bs} x {ws} process(es) x gradient_accumulation_steps "
-                              f"{self.gradient_accumulation_steps} = {total} completions) is not a multiple of grpo_group_size {g}: "
-                              f"every prompt's group of {g} completions must fit in one batch.",
-                              fix=f"use per_device_train_batch_size={g * math.ceil(bs / g)} (a multiple of {g}), or change grpo_group_size.")
-        if self.init_from and self.model != 'tiny-gpt2':
-            raise ConfigError(f"Both model={self.model!r} and init_from={self.init_from!r} say where to start.",
-                              fix="give init_from (a previous run's folder) or model, not both.")
+
+    def completions_per_step(self) -> int:
+        "Completions sampled for one optimizer step, all processes together: per_device_train_batch_size x processes x gradient_accumulation_steps."
+        return self.per_device_train_batch_size * launch_info().world_size * self.gradient_accumulation_steps
+
+    def check_groups(self):
+        "A step's completions split into whole groups: refused when the grpo_group_size asked for does not divide them, or when no group fits."
+        n, g, bs = self.completions_per_step(), self.grpo_group_size, self.per_device_train_batch_size
+        how = (f"per_device_train_batch_size {bs} x {launch_info().world_size} process(es) x gradient_accumulation_steps "
+               f"{self.gradient_accumulation_steps} = {n} completion{'s' if n > 1 else ''}")
+        if g is not None and g < 2:
+            raise ConfigError(f"grpo_group_size must be >= 2, got {g}: GRPO compares each completion with the others of its prompt.",
+                              fix="use grpo_group_size=2 or more, or leave it out (8, or the group the batch implies).")
+        if g is None and implied_group_size(n) is None:
+            raise ConfigError(f"A step of one completion ({how}) holds no group: GRPO compares each completion with the others sampled for the same prompt.",
+                              fix="use per_device_train_batch_size=2 or more (8 or more for the default groups of 8).")
+        if g is not None and n % g:
+            other = f", or leave grpo_group_size out (this batch implies groups of {implied_group_size(n)})" if implied_group_size(n) else ''
+            raise ConfigError(f"The global batch ({how}) is not a multiple of grpo_group_size {g}: every prompt's group of {g} completions must fit in one step.",
+                              fix=f"use per_device_train_batch_size={g * math.ceil(bs / g)} (a multiple of {g}){other}.")
+
+    def group_size(self) -> int:
+        "Completions sampled per prompt: grpo_group_size, or when it is not given the group the batch implies (8 where the batch holds it)."
+        return self.grpo_group_size or implied_group_size(self.completions_per_step())
+
+    def group_note(self) -> str:
+        "One line saying which group size the batch implied, when grpo_group_size was left out and the default 8 does not fit ('' otherwise)."
+        g, n = self.group_size(), self.completions_per_step()
+        if self.grpo_group_size or g == DEFAULT_GROUP_SIZE: return ''
+        return (f"group size {g}: grpo_group_size was not given and a step's {n} completions do not hold groups of {DEFAULT_GROUP_SIZE}, "
+                f"so each step samples {n // g} prompt{'s' if n // g > 1 else ''} x {g} completions")
 
     def reward_names(self) -> list[str]:
-        "The rewards' names as logged: the built-in ones ('task' when the dataset decides), then 'reward_model'."
+        "The rewards' names as logged: the built-in ones ('task' when each row's task decides), then 'reward_model'."
         names = list(self.rewards) if self.rewards else ([] if self.reward_model else ['task'])
         return names + (['reward_model'] if self.reward_model else [])
 
@@ -282,17 +327,21 @@ class GRPOJob(HFTrainJob):
         p = Path(self.start_model())
         return (p.name.split('_', 2)[-1] if self.init_from else p.name) if p.exists() else self.start_model().split('/')[-1]
 
-    def data_name(self) -> str:
-        "The data part of run names."
-        if self.dataset in ('sample-arithmetic', 'sample-imdb'): return self.dataset
-        try: return get_spec(self.dataset, self.dataset_config or None).short_name()
-        except LlmwbError: return Path(self.dataset).stem if Path(self.dataset).suffix else self.dataset.rstrip('/').split('/')[-1]
-
     def run_name(self) -> str:
+        "`grpo_<model>_<data>_g<group>[_beta..][_lora..]_bs<batch>_len<completion tokens>_acc<accumulation>_<length>`."
         if self.name: return self.name
         beta = f"_beta{fmt_num(self.grpo_beta)}" if self.grpo_beta else ''
-        bs = self.per_device_train_batch_size * self.gradient_accumulation_steps
-        return f"grpo_{self.model_name()}_{self.data_name()}_g{self.grpo_group_size}{beta}_bs{bs}_{self.length_name()}"
+        lora = f"_lora{self.lora_r}" if self.use_lora else ''
+        return f"grpo_{self.model_name()}_{self.data_name()}_g{self.group_size()}{beta}{lora}_{self.batch_name(self.max_completion_length)}_{self.length_name()}"
+
+    def plan(self) -> dict:
+        "The trainer jobs' plan (policy, prompts, machine) with the reward model's source, the rewards, and the groups a step samples."
+        out = super().plan()
+        if self.reward_model: out['reward model'] = model_source(self.reward_model)
+        out['rewards'] = ', '.join(self.reward_names()).replace('task', "each row's task (by its source)")
+        g, n = self.group_size(), self.completions_per_step()
+        out['groups'] = self.group_note() or f"{n // g} prompt{'s' if n // g > 1 else ''} x {g} completions per step"
+        return out
 
 # %% ../nbs/08_grpo.ipynb #ab7ace59
 import contextlib
@@ -316,12 +365,35 @@ def cpu_sampling():
     try: yield
     finally: torch.multinomial = orig
 
+# %% ../nbs/08_grpo.ipynb #34e1e511
+class GenerationCheckpoint:
+    "Trainer mixin for `GRPOTrainer`: checkpoints keep the micro-step count, the generated batch still being trained on and the recorded samples."
+    recorder = None   # a `SampleRecorder` whose records travel with the checkpoints
+
+    def _generation_file(self, checkpoint) -> Path:
+        "This process's generation state in `checkpoint` (one file per process when there are several, as for the RNG states)."
+        return Path(checkpoint)/(f'grpo_state_{self.args.process_index}.pt' if self.args.world_size > 1 else 'grpo_state.pt')
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        between = self._step % (self.args.steps_per_generation * self.num_iterations)   # 0: the next micro-step generates anew
+        torch.save({'step': self._step, 'buffer': self._buffered_inputs if between else None,
+                    'samples': self.recorder.state() if self.recorder else None}, self._generation_file(output_dir))
+
+    def _load_rng_state(self, checkpoint):   # called once on resume, after the trainer skipped the batches already trained on
+        super()._load_rng_state(checkpoint)
+        f = self._generation_file(checkpoint) if checkpoint else None
+        if f is None or not f.exists(): return
+        st = torch.load(f, map_location=self.accelerator.device, weights_only=True)
+        self._step, self._buffered_inputs = st['step'], st['buffer']
+        if self.recorder is not None and st['samples']: self.recorder.load_state(st['samples'])
+
 # %% ../nbs/08_grpo.ipynb #897bc2ed
 from trl import GRPOTrainer
 from .packing import inner_lm, plain_head
 
-class CompactGRPOTrainer(GRPOTrainer):
-    "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position, and sampling with `cpu_sampling` on CPU."
+class CompactGRPOTrainer(GenerationCheckpoint, GRPOTrainer):
+    "TRL's GRPOTrainer, projecting only the real completion tokens through the LM head where TRL projects every position, and sampling with `cpu_sampling` on CPU, with checkpoints that resume exactly (`GenerationCheckpoint`)."
     def _compact_ok(self, model, extra:dict, compute_aux_loss:bool) -> bool:
         if compute_aux_loss or any(v is not None for v in extra.values()): return False
         if getattr(self, '_compact', None) is None:
@@ -371,15 +443,49 @@ class CompactGRPOTrainer(GRPOTrainer):
 # %% ../nbs/08_grpo.ipynb #f3d2c3ab
 import functools
 from .core import pyplot, save_figure
-from .models import load_model, resolve_model_source, trainable_summary
+from .models import resolve_model_source, trainable_summary
 from .evaluation import generate_batched, score_generations
 from .sandbox import require_sandbox
 
-def reward_funcs(job:GRPOJob, spec, device) -> tuple[list, list[str]]:
-    "The reward callables of `job` for data of `spec`, and their names as logged."
-    names = list(job.rewards) if job.rewards else ([] if job.reward_model else [TASK_REWARD[spec.task]])
-    if job.run_tests and 'code' in names: require_sandbox()    # refused before training, never run unisolated
-    funcs = [_code_reward(job) if n == 'code' else get_reward(n) for n in names]
+def _as_specs(specs) -> dict:
+    "A dict of source key -> spec, from such a dict or a single `DatasetSpec`."
+    return specs if isinstance(specs, dict) else {specs.key: specs}
+
+def _rows(kw:dict, idx:list[int], n:int) -> dict:
+    "The reward keyword arguments for rows `idx` of a batch of `n`: per-row lists sliced, the rest (trainer_state, log_metric, ...) kept."
+    return {k: [v[i] for i in idx] if isinstance(v, list) and len(v) == n else v for k, v in kw.items()}
+
+def task_reward(job:GRPOJob, specs) -> callable:
+    "The built-in reward of each row's task, picked by the row's `source` (one dataset, or each source of a mixture); a mixture also logs each source's mean."
+    specs = _as_specs(specs)
+    task_of = {k: TASK_REWARD[s.task] for k, s in specs.items()}
+    only = next(iter(task_of.values())) if len(task_of) == 1 else None   # one dataset: every row is its task, whatever its source says
+    funcs = {t: _code_reward(job) if t == 'code' else get_reward(t) for t in dict.fromkeys(task_of.values())}
+    def reward(completions, source=None, log_metric=None, **kw):
+        n = len(completions)
+        source = list(source) if source is not None else [next(iter(specs))] * n
+        out = [None] * n
+        for t, f in funcs.items():
+            idx = [i for i, s in enumerate(source) if task_of.get(s, only) == t]
+            if not idx: continue
+            vals = f([completions[i] for i in idx], source=[source[i] for i in idx], log_metric=log_metric, **_rows(kw, idx, n))
+            for i, v in zip(idx, vals): out[i] = v
+        if log_metric is not None and len(specs) > 1:
+            for s in specs:
+                got = [v for v, src in zip(out, source) if src == s and v is not None]
+                if got: log_metric(f'sources/{s}/reward', sum(got) / len(got))
+        return out
+    reward.__name__ = next(iter(funcs)) if len(funcs) == 1 else 'task'
+    return reward
+
+def reward_funcs(job:GRPOJob, specs, device) -> tuple[list, list[str]]:
+    "The reward callables of `job` for rows of `specs` (a dict of source key -> spec, or one spec), and their names as logged."
+    specs = _as_specs(specs)
+    if job.rewards: funcs, names = [_code_reward(job) if n == 'code' else get_reward(n) for n in job.rewards], list(job.rewards)
+    elif job.reward_model: funcs, names = [], []
+    else: funcs = [task_reward(job, specs)]; names = [funcs[0].__name__]
+    code = 'code' in names or (not job.rewards and any(TASK_REWARD[s.task] == 'code' for s in specs.values()))
+    if job.run_tests and code: require_sandbox()    # refused before training, never run unisolated
     if job.reward_model:
         funcs.append(RewardModelReward(job.reward_model, device)); names.append('reward_model')
     return funcs, names
@@ -419,6 +525,14 @@ class SampleRecorder:
         reward.__name__ = name
         return reward
 
+    def state(self) -> dict:
+        "The records kept so far (a checkpoint saves them)."
+        return {'first': self.first, 'last': self.last}
+
+    def load_state(self, state:dict):
+        "Go on from a checkpoint's records: a resumed run's first samples are those of the run's first step."
+        self.first, self.last = state['first'], state['last']
+
     def samples(self, which:str, n_prompts:int, group:int) -> list[dict]:
         "Up to `n_prompts` prompts of the first or last batch, each with its group's completions and total rewards."
         rec = (self.first or self.last) if which == 'first' else self.last
@@ -435,13 +549,13 @@ class SampleRecorder:
 # %% ../nbs/08_grpo.ipynb #689be5db
 def evaluate_policy(model, tokenizer,       # the policy and its tokenizer
                     ds,                     # rl rows: prompt, answer, label, source (+ kept columns)
-                    spec,                   # the rows' DatasetSpec
+                    specs,                  # the rows' sources: a dict of source key -> spec, or one DatasetSpec
                     funcs:list, names:list[str], weights:list[float]|None=None,  # rewards, their names and weights
                     max_new_tokens:int=32, batch_size:int=64, n_samples:int=5) -> dict:
-    "Greedy completions of held-out prompts: the task's metrics (exact match, accuracy), the mean reward overall and per function."
+    "Greedy completions of held-out prompts: the task's metrics (exact match, accuracy) per source and pooled, the mean reward overall and per function."
     rows = ds.to_list()
     gens = generate_batched(model, tokenizer, [r['prompt'] for r in rows], max_new_tokens, batch_size, 'held-out prompts')
-    res = score_generations(rows, gens, {spec.key: spec})
+    res = score_generations(rows, gens, _as_specs(specs))
     cols = {c: [r[c] for r in rows] for c in ds.column_names if c != 'prompt'}
     weights = weights or [1.0] * len(funcs)
     per = [f(prompts=[r['prompt'] for r in rows], completions=gens, **cols) for f in funcs]
@@ -451,14 +565,15 @@ def evaluate_policy(model, tokenizer,       # the policy and its tokenizer
     return res
 
 def headline_score(res:dict) -> float|None:
-    "The task's headline metric of an `evaluate_policy` result: exact match, or accuracy."
+    "The headline metric of an `evaluate_policy` result: one source's exact match or accuracy, or a mixture's pooled accuracy."
+    if len(res['per_source']) > 1: return res.get('accuracy')
     m = next(iter(res['per_source'].values()))
     return m.get('exact_match', m.get('accuracy', res.get('accuracy')))
 
 # %% ../nbs/08_grpo.ipynb #5d217bd0
 class GRPOData(NamedTuple):
-    "The prompts of a GRPO run, its rewards, and how many prompts were cut."
-    td: object
+    "The prompts of a GRPO run (one dataset or a mixture), its rewards, and how many prompts were cut."
+    jd: JobData
     train: object
     held: object
     funcs: list
@@ -467,25 +582,37 @@ class GRPOData(NamedTuple):
     n_cut: int
     n_cut_eval: int
 
-def prepare_grpo_data(job:GRPOJob, tokenizer, device) -> GRPOData:
-    "The job's rl prompts (cut to max_prompt_length) and its reward functions with their names and weights."
-    td = load_task(job.dataset, job.dataset_config or None, mode='rl', max_train=job.max_train_examples or None,
-                   max_eval=job.max_eval_examples or None, seed=job.seed, data_dir=job.data_dir or None,
-                   train_split=job.train_split or None, eval_split=job.eval_split or None)
-    funcs, names = reward_funcs(job, td.spec, device)
-    train, n_cut = limit_prompts(td.train, tokenizer, job.max_prompt_length)
-    held, n_cut_eval = limit_prompts(td.eval, tokenizer, job.max_prompt_length)
-    return GRPOData(td, train, held, funcs, names, job.reward_weights or [1.0] * len(funcs), n_cut, n_cut_eval)
+    @property
+    def key(self) -> str: return ', '.join(self.jd.specs)
+    @property
+    def task(self) -> str: return ', '.join(dict.fromkeys(s.task for s in self.jd.specs.values()))
 
-def grpo_facts(job:GRPOJob, params:dict, pf:Preflight, src, data:GRPOData, lr:float) -> dict:
+def prepare_grpo_data(job:GRPOJob, tokenizer, device) -> GRPOData:
+    "The job's rl prompts, from its dataset or mixture (cut to max_prompt_length), and its reward functions with their names and weights."
+    jd = load_job_data(job, 'rl')
+    funcs, names = reward_funcs(job, jd.specs, device)
+    train, n_cut = limit_prompts(jd.train, tokenizer, job.max_prompt_length)
+    held, n_cut_eval = limit_prompts(jd.held, tokenizer, job.max_prompt_length)
+    return GRPOData(jd, train, held, funcs, names, job.reward_weights or [1.0] * len(funcs), n_cut, n_cut_eval)
+
+def check_lengths(job:GRPOJob, model):
+    "Refuse prompts and completions that together need more positions than the policy has (its position table has no row past them)."
+    n = getattr(model.config, 'max_position_embeddings', None) or getattr(model.config, 'n_positions', None)
+    if n and job.max_prompt_length + job.max_completion_length > n:
+        raise ConfigError(f"{job.start_model()} holds {n} positions, and max_prompt_length {job.max_prompt_length} + max_completion_length "
+                          f"{job.max_completion_length} = {job.max_prompt_length + job.max_completion_length} tokens would not fit.",
+                          fix=f"lower them to {n} together, e.g. max_prompt_length={n - min(job.max_completion_length, n // 2)} "
+                              f"max_completion_length={min(job.max_completion_length, n // 2)}.")
+
+def grpo_facts(job:GRPOJob, params:dict, pf:Preflight, src, data:GRPOData, lr:float, bits:str='') -> dict:
     "The facts of a GRPO run, recorded when it starts."
-    per_step = job.per_device_train_batch_size * pf.launch.world_size * job.gradient_accumulation_steps
-    return {'model': job.start_model(), 'source': src.kind, **params, 'lora': job.use_lora, 'device': str(pf.device),
-            'precision': dtype_name(get_dtype(job.dtype, pf.device)), 'world_size': pf.launch.world_size, 'data': data.td.spec.key,
-            'task': data.td.spec.task, 'n_train_prompts': len(data.train), 'n_eval_prompts': len(data.held), 'prompts_truncated': data.n_cut,
+    per_step, g = job.completions_per_step(), job.group_size()
+    return {'model': job.start_model(), 'source': src.kind, **params, 'lora': job.use_lora, 'device': str(pf.device), 'weights': bits or 'full',
+            'precision': dtype_name(get_dtype(job.dtype, pf.device)), 'world_size': pf.launch.world_size, 'data': data.key,
+            'task': data.task, 'n_train_prompts': len(data.train), 'n_eval_prompts': len(data.held), 'prompts_truncated': data.n_cut,
             'eval_prompts_truncated': data.n_cut_eval, 'rewards': ', '.join(f"{n} x{w:g}" for n, w in zip(data.names, data.weights)),
-            'group_size': job.grpo_group_size, 'completions_per_step': per_step, 'prompts_per_step': per_step // job.grpo_group_size,
-            'lr': lr, 'beta': job.grpo_beta}
+            'group_size': g, 'group_from': 'grpo_group_size' if job.grpo_group_size else 'batch', 'completions_per_step': per_step,
+            'prompts_per_step': per_step // g, 'lr': lr, 'beta': job.grpo_beta}
 
 def keep_reference(job:GRPOJob, run:Run, lm, model, src):
     "With grpo_beta > 0, point the policy's config at weights TRL can reload as the reference: its own folder, or a copy in the run."
@@ -503,20 +630,61 @@ def build_grpo_trainer(job:GRPOJob, run:Run, model, tokenizer, data:GRPOData, re
     "TRL's GRPOTrainer (through `CompactGRPOTrainer`) with the job's arguments, the recorded rewards and the bridge to the job's events."
     from trl import GRPOConfig
     args = GRPOConfig(**training_arguments(
-        job, run.run_dir, lr, pf, run.quiet, num_generations=job.grpo_group_size, max_completion_length=job.max_completion_length,
+        job, run.run_dir, lr, pf, run.quiet, num_generations=job.group_size(), max_completion_length=job.max_completion_length,
         temperature=job.temperature, beta=job.grpo_beta, num_iterations=job.num_iterations, epsilon=job.epsilon, loss_type=job.loss_type,
-        scale_rewards=job.scale_rewards, reward_weights=data.weights, disable_dropout=job.disable_dropout, remove_unused_columns=False))
+        scale_rewards=job.scale_rewards, reward_weights=data.weights, disable_dropout=job.disable_dropout, remove_unused_columns=False,
+        eval_strategy='no', eval_steps=None, eval_on_start=False))   # the held-out prompts are scored by `HeldOutEvaluation`
     trainer = CompactGRPOTrainer(model=model, reward_funcs=[rec.wrap(f, n) for f, n in zip(data.funcs, data.names)], args=args,
                                  train_dataset=data.train, processing_class=tokenizer, callbacks=[EventBridge(run), *callbacks])
+    trainer.recorder = rec
     quiet_trainer(trainer, run)
     return trainer
+
+# %% ../nbs/08_grpo.ipynb #ea4e4e8a
+from transformers import TrainerCallback
+
+def heldout_scores(res:dict) -> dict:
+    "An `evaluate_policy` result as the run's evaluation figures: the headline score and the mean reward (0 where nothing was scored)."
+    return {'heldout/score': headline_score(res) or 0.0, 'heldout/reward': res['reward'] or 0.0}
+
+def _held_out(run:Run, res:dict, when:str):
+    "The held-out line: one source's figures, or a mixture's pooled ones with a line per source."
+    per = res['per_source']
+    one = res if len(per) > 1 else next(iter(per.values()))
+    reward = 'n/a' if res['reward'] is None else f"{res['reward']:.3f}"
+    run.say(f"held-out {when}: {score_line(one)}, mean reward {reward}" + ''.join(f"\n  {score_line(m, k)}" for k, m in per.items() if len(per) > 1))
+
+class HeldOutEvaluation(TrainerCallback):
+    "Scores the held-out prompts with `evaluate` every `every` steps, or at each epoch's end, and reports them as the run's evaluations."
+    def __init__(self, run:Run, evaluate, every:int=0, per_epoch:bool=False):
+        self.run, self.evaluate, self.every, self.per_epoch = run, evaluate, every, per_epoch
+
+    def score(self, state):
+        if not state.is_world_process_zero: return
+        res = self.evaluate()
+        self.run.log_eval(state.global_step, **heldout_scores(res))
+        _held_out(self.run, res, f"at step {state.global_step}")
+
+    def on_step_end(self, args, state, control, **kw):   # the last step is scored after training
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps: self.score(state)
+
+    def on_epoch_end(self, args, state, control, **kw):
+        if self.per_epoch and state.global_step < state.max_steps: self.score(state)
 
 # %% ../nbs/08_grpo.ipynb #a8bb784e
 def _samples_md(groups:list[dict]) -> str:
     return '\n\n'.join(f"**prompt** `{g['prompt'][-120:]!r}`\n\n" + '\n'.join(f"- ({c['reward']}) `{c['completion']!r}`" for c in g['completions']) for g in groups)
 
-def _held_out(run:Run, res:dict, when:str):
-    run.say(f"held-out {when}: {score_line(next(iter(res['per_source'].values())))}, mean reward {res['reward']:.3f}")
+def _say_start(run:Run, job:GRPOJob, lm, params:dict, pf:Preflight, data:GRPOData, facts:dict, notes:list, resume):
+    "The lines a GRPO run starts with: its folder, the policy, the prompts, the rewards and groups, and any notes."
+    run.say(f"run folder: {run.run_dir}" + (f" (resuming from {resume.checkpoint.name})" if resume else ''))
+    run.say(f"policy: {job.start_model()} ({params['total_params']:,} params, {params['trainable_params']:,} trainable) on {pf.device}, "
+            f"attention {lm.attn_implementation}")
+    run.say(f"prompts: {data.jd.desc}")
+    if data.n_cut or data.n_cut_eval:
+        run.say(f"prompts cut to their last {job.max_prompt_length} tokens: {data.n_cut} train, {data.n_cut_eval} held out")
+    run.say(f"rewards: {facts['rewards']}; {facts['prompts_per_step']} prompts x {facts['group_size']} completions per step, lr {facts['lr']:g}")
+    for n in data.jd.notes + [n for n in notes if n]: run.say(f"note: {n}")
 
 def train_grpo(job:GRPOJob,        # the job to run
                quiet:bool=False,    # hide progress bars and prints
@@ -529,20 +697,18 @@ def train_grpo(job:GRPOJob,        # the job to run
             pf = preflight(job)
             start, resume = job.start_model(), pf.resume
             src = resolve_model_source(start)      # a run folder without a saved model fails here
-            lm = load_model(start, device=str(pf.device), dtype='fp32', attn_implementation=job.attn_implementation, seed=job.seed)
+            bits, quant_note = weight_bits(job)
+            lm = load_job_model(job, pf.device, bits)
             if lm.is_seq2seq: raise ConfigError(f"GRPO trains causal LMs, and {start} is an encoder-decoder.", fix="start from a decoder-only model.")
+            check_lengths(job, lm.model)
             data = prepare_grpo_data(job, lm.tokenizer, pf.device)
             model = with_lora(lm.model, job)
         params, lr = trainable_summary(model), job.learning_rate or (2e-4 if _from_preset(src) else 1e-6)
-        facts = grpo_facts(job, params, pf, src, data, lr)
+        facts = grpo_facts(job, params, pf, src, data, lr, bits)
         run_dir = run.open(open_run(job, pf.launch, resume, pf.device), facts, resumed=resume is not None)
-        run.say(f"run folder: {run_dir}" + (f" (resuming from {resume.checkpoint.name})" if resume else ''))
-        run.say(f"policy: {start} ({params['total_params']:,} params, {params['trainable_params']:,} trainable) on {pf.device}")
-        run.say(f"prompts: {data.td.spec.key} ({data.td.spec.task}), {len(data.train):,} train, {len(data.held):,} held out; "
-                f"{data.n_cut} train and {data.n_cut_eval} held-out prompts cut to their last {job.max_prompt_length} tokens")
-        run.say(f"rewards: {facts['rewards']}; {facts['prompts_per_step']} prompts x {job.grpo_group_size} completions per step, lr {lr:g}")
+        _say_start(run, job, lm, params, pf, data, facts, [job.group_note(), quant_note, attention_request(job, pf.device)[1]], resume)
         keep_reference(job, run, lm, model, src)
-        evaluate = lambda: evaluate_policy(model, lm.tokenizer, data.held, data.td.spec, data.funcs, data.names, data.weights,
+        evaluate = lambda: evaluate_policy(model, lm.tokenizer, data.held, data.jd.specs, data.funcs, data.names, data.weights,
                                            job.max_completion_length, job.per_device_eval_batch_size)
         with run.phase('evaluate_before'):
             before, saved = None, run_dir/'eval_before.json'
@@ -550,11 +716,13 @@ def train_grpo(job:GRPOJob,        # the job to run
             elif run.main:
                 before = evaluate()
                 atomic_write(saved, json.dumps(before, default=str))
-                run.log_eval(0, **{'heldout/reward': before['reward'] or 0.0})
+                run.log_eval(0, **heldout_scores(before))
             if run.main: _held_out(run, before, 'before')
         set_seed(job.seed)
         rec = SampleRecorder(data.names, data.weights)
-        trainer = build_grpo_trainer(job, run, model, lm.tokenizer, data, rec, lr, pf, trainer_cbs)
+        every = (job.eval_steps or job.logging_interval()) if job.evaluation() == 'steps' else 0
+        during = HeldOutEvaluation(run, evaluate, every, job.evaluation() == 'epoch')
+        trainer = build_grpo_trainer(job, run, model, lm.tokenizer, data, rec, lr, pf, [during, *trainer_cbs])
         with run.phase('train'):
             t0 = time.time()
             out = trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
@@ -562,24 +730,27 @@ def train_grpo(job:GRPOJob,        # the job to run
         with run.phase('evaluate_after'):
             if not run.main: return RunResult(run_dir, {'status': 'completed', 'rank': pf.launch.rank, 'steps': out.global_step}, model, lm.tokenizer)
             after = evaluate()
-            run.log_eval(out.global_step, **{'heldout/reward': after['reward'] or 0.0})
+            run.log_eval(out.global_step, **heldout_scores(after))
             _held_out(run, after, 'after')
         with run.phase('save'):
-            samples = {'start': rec.samples('first', job.num_samples, job.grpo_group_size), 'end': rec.samples('last', job.num_samples, job.grpo_group_size)}
+            g = job.group_size()
+            samples = {'start': rec.samples('first', job.num_samples, g), 'end': rec.samples('last', job.num_samples, g)}
             atomic_write(run_dir/'samples.json', json.dumps(samples, indent=1))
             run.writer.add_text('samples/start', _samples_md(samples['start']), 0)
             run.writer.add_text('samples/end', _samples_md(samples['end']), out.global_step)
-            model = save_outputs(run_dir, model, lm.tokenizer, job)
+            model = save_outputs(run_dir, model, lm.tokenizer, job, quantized=bool(bits))
             records = MetricsLog(run_dir).read()
-            plot_rewards(records, data.names, run_dir/'plots'/'rewards.png', title=f"GRPO {start if not job.init_from else Path(start).name} on {data.td.spec.key}")
+            plot_rewards(records, data.names, run_dir/'plots'/'rewards.png', title=f"GRPO {start if not job.init_from else Path(start).name} on {data.key}")
         metrics = run.end({
-            'steps': out.global_step, 'data': data.td.spec.key, 'task': data.td.spec.task,
+            'steps': out.global_step, 'data': data.key, 'task': data.task,
             'score_before': headline_score(before), 'score_after': headline_score(after), 'reward_before': before['reward'], 'reward_after': after['reward'],
             'rewards_before': before['rewards'], 'rewards_after': after['rewards'], 'parse_rate_before': before['parse_rate'],
             'parse_rate_after': after['parse_rate'], **reward_curves(records), **train_figures(out, run_dir, lr, train_time),
-            'wall_time_s': run.wall_time(), **{k: facts[k] for k in ('prompts_truncated', 'eval_prompts_truncated', 'n_train_prompts', 'n_eval_prompts',
-                                                                     'rewards', 'group_size', 'completions_per_step', 'prompts_per_step', 'precision', 'world_size')},
+            'wall_time_s': run.wall_time(), **{k: facts[k] for k in ('prompts_truncated', 'eval_prompts_truncated', 'n_train_prompts', 'n_eval_prompts', 'rewards',
+                                                                     'group_size', 'group_from', 'completions_per_step', 'prompts_per_step', 'precision', 'world_size')},
             **lm.summary(), **params, 'init_from': job.init_from or None, 'resumed_from': str(resume.checkpoint) if resume else None,
+            **({'per_source_after': {k: {n: v for n, v in m.items() if n != 'confusion'} for k, m in after['per_source'].items()}}
+               if len(after['per_source']) > 1 else {}),
             'samples_after': after['samples']})
     return RunResult(run_dir, metrics, model, lm.tokenizer)
 
