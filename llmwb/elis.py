@@ -4,22 +4,26 @@
 
 # %% ../nbs/09_elis.ipynb #06870a25
 from __future__ import annotations
-import json, math, random, hashlib
+import json, math, os, random, re, hashlib
 from pathlib import Path
 from datasets import Dataset, DatasetDict
 from .core import ConfigError, DatasetError, DatasetNotFoundError, EmptyDatasetError, atomic_write
 
 # %% auto #0
-__all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'POLICIES', 'SWEEP_LOADS', 'PAPER_GAMMA', 'ELIS_FORMAT', 'trace_problem',
-           'trace_files', 'read_traces', 'write_traces', 'split_by_prompt', 'trace_samples', 'collect_traces',
-           'make_elis_request', 'make_sample_traces', 'r2_score', 'template_oracle', 'resolve_encoder', 'mlp_head',
-           'mean_pool', 'ELISPredictor', 'text_key', 'EmbeddingCache', 'SimRequest', 'gamma_arrivals',
-           'step_time_for_load', 'simulate', 'sim_requests', 'draw_arrivals', 'schedule_sweep', 'schedule_summary',
-           'plot_schedules', 'ELISJob', 'elis_cache_dir', 'load_elis_data', 'ELISData', 'elis_data', 'predict_records',
-           'predict_split', 'prediction_errors', 'fit_target_scale', 'train_epoch', 'run_epoch', 'epoch_line',
-           'save_elis_checkpoint', 'load_elis_checkpoint', 'save_epoch', 'restore_training', 'head_shape', 'check_head',
-           'open_elis_run', 'evaluate_best', 'elis_results', 'plot_training', 'plot_predictions', 'simulate_schedules',
-           'save_elis_outputs', 'train_elis', 'load_predictor']
+__all__ = ['TRACE_FIELDS', 'TRACE_FILE', 'BGE_ENCODER', 'POLICIES', 'SWEEP_LOADS', 'PAPER_GAMMA', 'ELIS_FORMAT', 'HISTORY_KEYS',
+           'trace_problem', 'trace_files', 'parse_trace_line', 'read_traces', 'write_traces', 'split_by_prompt',
+           'trace_samples', 'collect_traces', 'make_elis_request', 'make_sample_traces', 'r2_score', 'template_oracle',
+           'resolve_encoder', 'mlp_head', 'mean_pool', 'TextTokenizer', 'ELISPredictor', 'text_key', 'worker_loader',
+           'EmbeddingCache', 'SimRequest', 'gamma_arrivals', 'step_time_for_load', 'simulate', 'sim_requests',
+           'draw_arrivals', 'schedule_sweep', 'schedule_summary', 'plot_schedules', 'seed_checkpoint_path', 'ELISJob',
+           'elis_cache_dir', 'load_elis_data', 'ELISData', 'elis_data', 'RecordTokens', 'record_batches',
+           'predict_inputs', 'predict_records', 'predict_split', 'prediction_errors', 'fit_target_scale',
+           'steps_per_epoch', 'running_errors', 'interval_line', 'train_epoch', 'run_epoch', 'epoch_line',
+           'checkpoint_bytes', 'save_elis_checkpoint', 'load_elis_checkpoint', 'history_columns',
+           'prune_epoch_checkpoints', 'save_epoch', 'restore_training', 'head_shape', 'check_head', 'open_elis_run',
+           'evaluate_best', 'elis_results', 'plot_training', 'plot_predictions', 'simulate_schedules',
+           'save_elis_outputs', 'train_elis', 'load_predictor', 'encoder_plan', 'traces_plan', 'device_plan',
+           'elis_plan']
 
 # %% ../nbs/09_elis.ipynb #e0941496
 TRACE_FIELDS = ('input_prompt', 'output_prompt', 'number_of_output_tokens', 'remaining_tokens')
@@ -53,6 +57,13 @@ def trace_files(path) -> list[tuple[str, Path]]:
     return [(f.parent.name, f) for f in found]
 
 # %% ../nbs/09_elis.ipynb #8070359a
+def parse_trace_line(line:str) -> tuple[dict|None, str|None]:
+    "A trace file's line as (record, None), or (None, why it is not a valid record)."
+    try: obj = json.loads(line)
+    except json.JSONDecodeError as e: return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    why = trace_problem(obj)
+    return (None, why) if why else (obj, None)
+
 def read_traces(path,                       # a trace JSONL file, or a tree of <model>/vllm_results_training.jsonl
                 skip_bad_lines:bool=False   # count and skip invalid lines instead of stopping at the first
                ) -> tuple[Dataset, dict]:
@@ -64,8 +75,7 @@ def read_traces(path,                       # a trace JSONL file, or a tree of <
             for i, line in enumerate(fh, 1):
                 if not line.strip(): continue
                 report['lines'] += 1
-                try: obj = json.loads(line); why = trace_problem(obj)
-                except json.JSONDecodeError as e: why = f"not valid JSON ({e.msg} at column {e.colno})"
+                obj, why = parse_trace_line(line)
                 if why:
                     if not skip_bad_lines:
                         raise DatasetError(f"{f}:{i}: {why}.", fix="correct or remove the line, or pass skip_bad_lines=True to skip bad lines.")
@@ -317,6 +327,13 @@ def mean_pool(hidden:torch.Tensor, mask:torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
+# %% ../nbs/09_elis.ipynb #2211876a
+class TextTokenizer:
+    "Texts -> the encoder's padded input tensors, cut at `max_length` tokens; a plain object, so DataLoader workers can run it."
+    def __init__(self, tokenizer, max_length:int): self.tokenizer, self.max_length = tokenizer, max_length
+    def __call__(self, texts:list[str]):
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors='pt')
+
 # %% ../nbs/09_elis.ipynb #2ab4a7c4
 class ELISPredictor(nn.Module):
     "Remaining response tokens from prompt + generated text: a (frozen) encoder, mean pooling and an MLP head."
@@ -324,11 +341,12 @@ class ELISPredictor(nn.Module):
                  prompt_embedding:bool=True):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
-        src = resolve_encoder(encoder)
+        self.source = src = resolve_encoder(encoder)
         self.encoder_id, self.encoder_path = src.name, src.path
         self.tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=src.offline)
         self.encoder = AutoModel.from_pretrained(src.path, local_files_only=src.offline)
         self.max_length, self.freeze_encoder, self.prompt_embedding = max_length, freeze_encoder, prompt_embedding
+        self.tokenize = TextTokenizer(self.tokenizer, max_length)   # texts -> the encoder's input (DataLoader workers run it too)
         self.config = dict(encoder=encoder, num_layers=num_layers, hidden=hidden, max_length=max_length, freeze_encoder=freeze_encoder,
                            prompt_embedding=prompt_embedding, d_in=self.encoder.config.hidden_size)
         if freeze_encoder: self.encoder.requires_grad_(False).eval()
@@ -345,16 +363,23 @@ class ELISPredictor(nn.Module):
     @property
     def device(self): return next(self.head.parameters()).device
 
+    @staticmethod
+    def embedding_key(src:ModelSource, max_length:int) -> str:
+        "What an embedding depends on besides the text: the encoder (`resolve_encoder`'s answer) and max_length; the key of its `EmbeddingCache`."
+        return f"{src.name}|{src.path}|{max_length}"
+
     @property
-    def cache_key(self) -> str:
-        "What an embedding depends on besides the text: the encoder and max_length (the key of its `EmbeddingCache`)."
-        return f"{self.encoder_id}|{self.encoder_path}|{self.max_length}"
+    def cache_key(self) -> str: return self.embedding_key(self.source, self.max_length)
+
+    def encode(self, batch) -> torch.Tensor:
+        "Mean-pooled encoder states of a `tokenize`d batch (gradients only when the encoder is trained)."
+        batch = batch.to(self.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            return mean_pool(self.encoder(**batch).last_hidden_state, batch['attention_mask'])
 
     def embed(self, texts:list[str]) -> torch.Tensor:
-        "Mean-pooled encoder states of `texts` (gradients only when the encoder is trained)."
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors='pt').to(self.device)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            return mean_pool(self.encoder(**enc).last_hidden_state, enc['attention_mask'])
+        "Mean-pooled encoder states of `texts`."
+        return self.encode(self.tokenize(texts))
 
     def prompt_embeddings(self, prompts:list[str], keep:int=4096) -> torch.Tensor:
         "`embed(prompts)`, encoding each prompt once: with a frozen encoder the last `keep` prompts' embeddings are kept."
@@ -373,9 +398,15 @@ class ELISPredictor(nn.Module):
         full = self.embed([p + g for p, g in zip(prompts, gen)])
         return torch.cat([full, self.prompt_embeddings(prompts)], -1) if self.prompt_embedding else full
 
-    def forward(self, prompts:list[str]|None=None, generated:list[str]|None=None, embeddings:torch.Tensor|None=None) -> torch.Tensor:
-        "Predicted remaining tokens, from prompts and generated texts or from their (cached) `features`."
-        return self.head(self.features(prompts, generated) if embeddings is None else embeddings).squeeze(-1) * self.y_std + self.y_mean
+    def token_features(self, full, prompts=None) -> torch.Tensor:
+        "`features` from `tokenize`d batches: the prompt + generated texts, and (with `prompt_embedding`) the prompts."
+        return torch.cat([self.encode(full), self.encode(prompts)], -1) if self.prompt_embedding else self.encode(full)
+
+    def forward(self, prompts:list[str]|None=None, generated:list[str]|None=None, embeddings:torch.Tensor|None=None,
+                tokens:tuple|None=None) -> torch.Tensor:
+        "Predicted remaining tokens: from prompts and generated texts, from their `tokens` (`token_features`' arguments), or from their (cached) `features`."
+        x = embeddings if embeddings is not None else self.token_features(*tokens) if tokens is not None else self.features(prompts, generated)
+        return self.head(x).squeeze(-1) * self.y_std + self.y_mean
 
     @torch.no_grad()
     def predict(self, prompts:list[str], generated_so_far:list[str]|None=None, batch_size:int=32) -> list[float]:
@@ -399,11 +430,18 @@ def text_key(text:str) -> str:
     "The key of `text` in an `EmbeddingCache`: the sha1 of its UTF-8 bytes."
     return hashlib.sha1(text.encode('utf-8')).hexdigest()
 
+# %% ../nbs/09_elis.ipynb #cd1e4951
+def worker_loader(items:list, fn, num_workers:int=0, pin_memory:bool=False):
+    "`fn(item)` for each of `items`, in order, computed by `num_workers` DataLoader worker processes (0: in this process)."
+    from torch.utils.data import DataLoader
+    if num_workers: os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')   # fast tokenizers are not to use threads in forked workers
+    return DataLoader(items, batch_size=None, collate_fn=fn, num_workers=num_workers, pin_memory=pin_memory)
+
 # %% ../nbs/09_elis.ipynb #2178a7c8
 class EmbeddingCache:
     "Encoder embeddings on disk under `root`, keyed by text hash, one folder per encoder and max_length."
     def __init__(self, root, encoder_key:str):
-        self.dir = Path(root)/hashlib.sha1(encoder_key.encode()).hexdigest()[:16]
+        self.dir = self.folder(root, encoder_key)
         self.encoder_key = encoder_key
         self.keys, self.emb = {}, None
         if (self.dir/'keys.json').exists() and (self.dir/'embeddings.npy').exists():
@@ -412,20 +450,20 @@ class EmbeddingCache:
             if keys.get('encoder') == encoder_key and len(keys['keys']) == len(emb):
                 self.keys, self.emb = {k: i for i, k in enumerate(keys['keys'])}, emb
 
+    @staticmethod
+    def folder(root, encoder_key:str) -> Path: return Path(root)/hashlib.sha1(encoder_key.encode()).hexdigest()[:16]
+
     def __len__(self): return len(self.keys)
 
-    def get(self, texts:list[str], embed_fn, batch_size:int=16, progress:bool=False) -> tuple[torch.Tensor, int]:
-        "Embeddings of `texts` (computing and storing the missing ones with `embed_fn`), and how many were computed."
+    def get(self, texts:list[str], embedder, batch_size:int=16, progress:bool=False, num_workers:int=0) -> tuple[torch.Tensor, int]:
+        "Embeddings of `texts`, computing and storing the missing ones with `embedder` (its `tokenize`, run by `num_workers` DataLoader workers, and `encode`); and how many were computed."
         todo = sorted(dict.fromkeys(t for t in texts if text_key(t) not in self.keys), key=len)   # similar lengths batch with little padding
         if todo:
-            new = []
-            with torch.no_grad():
-                rng = range(0, len(todo), batch_size)
-                if progress:
-                    from tqdm.auto import tqdm
-                    rng = tqdm(rng, desc='encoding', unit='batch')
-                for i in rng: new.append(embed_fn(todo[i:i + batch_size]).float().cpu().numpy())
-            new = np.concatenate(new)
+            batches = worker_loader([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)], embedder.tokenize, num_workers)
+            if progress:
+                from tqdm.auto import tqdm
+                batches = tqdm(batches, desc='encoding', unit='batch')
+            with torch.no_grad(): new = np.concatenate([embedder.encode(b).float().cpu().numpy() for b in batches])
             base = 0 if self.emb is None else len(self.emb)
             self.emb = new if self.emb is None else np.concatenate([self.emb, new])
             for j, t in enumerate(todo): self.keys[text_key(t)] = base + j
@@ -433,10 +471,10 @@ class EmbeddingCache:
         idx = [self.keys[text_key(t)] for t in texts]
         return torch.from_numpy(self.emb[idx]), len(todo)
 
-    def features(self, pred, prompts:list[str], generated:list[str], batch_size:int=16, progress:bool=False) -> tuple[torch.Tensor, int]:
+    def features(self, pred, prompts:list[str], generated:list[str], batch_size:int=16, progress:bool=False, num_workers:int=0) -> tuple[torch.Tensor, int]:
         "`pred.features(prompts, generated)` from the cache, and how many texts were encoded. A prompt's own embedding is that of its request's first record (nothing generated yet), so usually stored already."
         texts = [p + g for p, g in zip(prompts, generated)]
-        e, n = self.get(texts + (list(prompts) if pred.prompt_embedding else []), pred.embed, batch_size, progress)
+        e, n = self.get(texts + (list(prompts) if pred.prompt_embedding else []), pred, batch_size, progress, num_workers)
         return (torch.cat([e[:len(texts)], e[len(texts):]], 1) if pred.prompt_embedding else e), n
 
     def _save(self):
@@ -605,10 +643,17 @@ def plot_schedules(rows:list[dict], path=None):
     plt.close(fig)
     return fig
 
+# %% ../nbs/09_elis.ipynb #53a08e2b
+def seed_checkpoint_path(path:str) -> str:
+    "`path` as llmwb keeps it: `<dir>/latest_model.pt` (the original trainer's layout) is `<dir>/checkpoints/latest_model.pt` when `<dir>` is an llmwb run folder; anything else unchanged."
+    p = Path(path).expanduser()
+    if not path or path == 'latest' or p.exists() or p.suffix != '.pt' or not (p.parent/'config.json').exists(): return path
+    return str(q) if (q := p.parent/'checkpoints'/p.name).exists() else path
+
 # %% ../nbs/09_elis.ipynb #a631b278
 import time
 from .core import (JobConfig, LlmwbError, RunResult, Run, start_run, get_device, set_seed, slugify, fmt_num,
-                        resume_point, record_resume, EarlyStopping)
+                        resume_point, record_resume, EarlyStopping, scan_checkpoints)
 
 @dataclass
 class ELISJob(JobConfig):
@@ -627,7 +672,10 @@ class ELISJob(JobConfig):
     per_device_train_batch_size: int = 16  # records per step
     num_train_epochs: int = 16        # epochs at most
     early_stopping_patience: int = 5  # stop after this many epochs without a better validation loss (0: never stop early)
-    save_every: int = 0               # also keep checkpoint_epoch_N.pt every this many epochs (0: only best and latest)
+    logging_steps: int = 100          # log and print the epoch's running training loss, MAE and RMSE every this many batches (0: once per epoch)
+    num_workers: int = 0              # DataLoader worker processes tokenizing texts: filling the embedding cache, and every batch when fine-tuning (0: in this process)
+    save_every: int = 1               # keep checkpoint_epoch_N.pt every this many epochs (0: only best_model.pt and latest_model.pt)
+    save_total_limit: int = 3         # checkpoint_epoch_N.pt files kept: the newest written and the best epoch's (0: all); best and latest always stay
     resume_from_checkpoint: str = ''  # a run folder (its latest checkpoint), a checkpoint file in one, or 'latest' (the newest matching ELIS run) to continue
     embedding_cache: str = ''         # folder of cached embeddings ('' for caches/elis_embeddings beside llmwb's other caches)
     encode_batch_size: int = 16       # texts per encoder call when filling the cache
@@ -642,22 +690,33 @@ class ELISJob(JobConfig):
     name: str = ''                    # readable run name; '' makes one from the config
 
     resume_fields = ('data', 'n_requests', 'every', 'encoder', 'max_length', 'freeze_encoder', 'per_device_train_batch_size', 'seed')   # prompt_embedding: the head-shape check
+    extra_aliases = {'data_dir': 'data', 'bge_model': 'encoder', 'hidden_dim': 'hidden', 'freeze_bge': 'freeze_encoder',   # the original train.py's flags
+                     'epochs': 'num_train_epochs', 'early_stopping': 'early_stopping_patience', 'checkpoint_dir': 'output_dir'}
 
     def validate(self):
         for k in ('n_requests', 'every', 'num_layers', 'hidden', 'max_length', 'per_device_train_batch_size', 'num_train_epochs',
                   'encode_batch_size', 'sim_workers', 'sim_requests'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
-        for k in ('early_stopping_patience', 'save_every'):
+        for k in ('early_stopping_patience', 'logging_steps', 'num_workers', 'save_every', 'save_total_limit'):
             if getattr(self, k) < 0: raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}.")
         if not 0 < self.learning_rate < 1: raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
         if self.sim_loads is not None:
             self.sim_loads = [float(x) for x in ([self.sim_loads] if isinstance(self.sim_loads, (int, float)) else self.sim_loads)]
         if any(x <= 0 for x in (self.sim_loads or []) + [self.sim_load]): raise ConfigError(f"loads must be > 0, got {self.sim_load}, {self.sim_loads}.")
+        self.resume_from_checkpoint = seed_checkpoint_path(self.resume_from_checkpoint)
 
     def run_name(self) -> str:
         if self.name: return slugify(self.name)
         d = 'sample' if self.data == 'sample' else Path(self.data).stem
         return f"elis_{d}_L{self.num_layers}x{self.hidden}" + ('' if self.freeze_encoder else '_ft') + f"_lr{fmt_num(self.learning_rate)}"
+
+    @classmethod
+    def checkpoints(cls, run_dir) -> list[dict]:
+        "The run's checkpoints, in `<run>/checkpoints/`, also when the run folder is itself named checkpoints (the original's `--checkpoint-dir` default)."
+        rd = Path(run_dir)
+        return scan_checkpoints(rd, rd/'checkpoints' if (rd/'config.json').exists() else None)
+
+    def plan(self) -> dict: return elis_plan(self)   # --dry_run: the encoder, traces, device, cache and checkpoints, resolved without writing
 
 # %% ../nbs/09_elis.ipynb #25a04b75
 def elis_cache_dir() -> Path:
@@ -693,22 +752,42 @@ def elis_data(job:ELISJob, pred, splits:DatasetDict, report:dict, quiet:bool=Fal
     if job.freeze_encoder:
         cache, t0 = EmbeddingCache(job.embedding_cache or elis_cache_dir(), pred.cache_key), time.time()
         for k in splits:
-            data.emb[k], n = cache.features(pred, prompts[k], gens[k], job.encode_batch_size, progress=not quiet); data.texts_encoded += n
+            data.emb[k], n = cache.features(pred, prompts[k], gens[k], job.encode_batch_size, not quiet, job.num_workers); data.texts_encoded += n
         data.encode_s = time.time() - t0
     return data
 
 # %% ../nbs/09_elis.ipynb #8e29d0f7
+class RecordTokens:
+    "Index batch of a split -> (the indices, (tokenized prompt + generated texts, tokenized prompts or None)); a plain object, so DataLoader workers can run it."
+    def __init__(self, tokenize, prompts:list[str], generated:list[str], with_prompts:bool):
+        self.tokenize, self.prompts, self.generated, self.with_prompts = tokenize, prompts, generated, with_prompts
+    def __call__(self, ix:torch.Tensor):
+        js = ix.tolist()
+        full = self.tokenize([self.prompts[j] + self.generated[j] for j in js])
+        return ix, (full, self.tokenize([self.prompts[j] for j in js]) if self.with_prompts else None)
+
+def record_batches(pred, data:ELISData, split:str, batches:list[torch.Tensor], num_workers:int=0):
+    "Each index batch of `split` with the head's input: its cached features (frozen encoder), or its records' tokens, made by `num_workers` DataLoader workers (0: in this process)."
+    if pred.freeze_encoder: return ((ix, data.emb[split][ix]) for ix in batches)
+    tok = RecordTokens(pred.tokenize, data.prompts[split], data.generated[split], pred.prompt_embedding)
+    return worker_loader(batches, tok, num_workers, pin_memory=pred.device.type == 'cuda')
+
+def predict_inputs(pred, inputs) -> torch.Tensor:
+    "Predicted remaining tokens of a batch from `record_batches`: from its cached features, or through the encoder from its tokens."
+    return pred(embeddings=inputs.to(pred.device)) if torch.is_tensor(inputs) else pred(tokens=inputs)
+
 def predict_records(pred, data:ELISData, split:str, ix:torch.Tensor) -> torch.Tensor:
     "Predicted remaining tokens of records `ix` of `split`: from the cached features, or through the encoder being trained."
-    if pred.freeze_encoder: return pred(embeddings=data.emb[split][ix].to(pred.device))
-    return pred([data.prompts[split][j] for j in ix.tolist()], [data.generated[split][j] for j in ix.tolist()])
+    (_, inputs), = record_batches(pred, data, split, [ix])
+    return predict_inputs(pred, inputs)
 
-def predict_split(pred, data:ELISData, split:str, batch_size:int=16) -> torch.Tensor:
+def predict_split(pred, data:ELISData, split:str, batch_size:int=16, num_workers:int=0) -> torch.Tensor:
     "Predictions for every record of `split` (evaluation mode, no gradients), on the CPU."
     pred.eval()
+    n = len(data.y[split]); step = max(1, n) if pred.freeze_encoder else batch_size   # cached: the whole split at once
     with torch.no_grad():
-        n = len(data.y[split]); step = max(1, n) if pred.freeze_encoder else batch_size   # cached: the whole split at once
-        return torch.cat([predict_records(pred, data, split, torch.arange(i, min(i + step, n))) for i in range(0, n, step)]).cpu()
+        batches = record_batches(pred, data, split, [torch.arange(i, min(i + step, n)) for i in range(0, n, step)], num_workers)
+        return torch.cat([predict_inputs(pred, x).cpu() for _, x in batches])
 
 # %% ../nbs/09_elis.ipynb #a2d1cae9
 def prediction_errors(pred_tokens:torch.Tensor, y:torch.Tensor, y_var:float) -> dict:
@@ -724,27 +803,47 @@ def fit_target_scale(pred, y:torch.Tensor) -> float:
     return y_std ** 2
 
 # %% ../nbs/09_elis.ipynb #5293e744
-def train_epoch(pred, opt, data:ELISData, job:ELISJob, epoch:int, y_var:float) -> dict:
-    "Train on every training record once, in the order of `epoch` (1 for the first); the loss, MAE and RMSE met on the way."
+def steps_per_epoch(data:ELISData, job:ELISJob) -> int:
+    "Batches in an epoch: the global step after epoch `e` is `e` times this."
+    return math.ceil(len(data.y['train']) / job.per_device_train_batch_size)
+
+def running_errors(n:int, sq:float, ab:float, sy:float, syy:float, y_var:float) -> dict:
+    "Training loss, MAE, RMSE and R² from sums over `n` records: of squared and absolute errors, of targets and squared targets."
+    ss_tot = syy - sy * sy / n
+    return dict(train_loss=sq / n / y_var, train_mae=ab / n, train_rmse=math.sqrt(sq / n), train_r2=1 - sq / ss_tot if ss_tot > 0 else 0.0)
+
+def interval_line(epoch:int, batch:int, n_batches:int, job:ELISJob, m:dict) -> str:
+    "The line printed every `logging_steps` batches."
+    return (f"epoch {epoch:>3}/{job.num_train_epochs}  batch {batch:>5}/{n_batches}  train loss {m['train_loss']:.4f}  "
+            f"MAE {m['train_mae']:.1f}  RMSE {m['train_rmse']:.1f}")
+
+# %% ../nbs/09_elis.ipynb #0da5b507
+def train_epoch(pred, opt, data:ELISData, job:ELISJob, epoch:int, y_var:float, run:Run|None=None) -> dict:
+    "Train on every training record once, in the order of `epoch` (1 for the first); the loss, MAE, RMSE and R² met on the way, also reported to `run` every `logging_steps` batches."
     pred.train()
     n, bs = len(data.y['train']), job.per_device_train_batch_size
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(job.seed * 100_003 + epoch - 1))
-    sq = ab = 0.0
-    for i in range(0, n, bs):
-        ix = perm[i:i + bs]
-        out = predict_records(pred, data, 'train', ix)
-        y = data.y['train'][ix].to(pred.device)
+    batches = [perm[i:i + bs] for i in range(0, n, bs)]
+    seen, sq, ab, sy, syy = 0, 0.0, 0.0, 0.0, 0.0
+    for b, (ix, inputs) in enumerate(record_batches(pred, data, 'train', batches, job.num_workers), 1):
+        out, y = predict_inputs(pred, inputs), data.y['train'][ix].to(pred.device)
         loss = ((out - y) ** 2).mean() / y_var
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        d = out.detach() - y; sq += float((d ** 2).sum()); ab += float(d.abs().sum())
-    return dict(train_loss=sq / n / y_var, train_mae=ab / n, train_rmse=math.sqrt(sq / n))
+        d = out.detach() - y
+        seen += len(ix); sq += float((d ** 2).sum()); ab += float(d.abs().sum()); sy += float(y.sum()); syy += float((y ** 2).sum())
+        if run is not None and job.logging_steps and b % job.logging_steps == 0 and b < len(batches):   # the last batch: the epoch's own line
+            m = running_errors(seen, sq, ab, sy, syy, y_var)
+            run.log_step((epoch - 1) * len(batches) + b, epoch=round(epoch - 1 + b / len(batches), 4), **m)
+            run.say(interval_line(epoch, b, len(batches), job, m))
+    return running_errors(seen, sq, ab, sy, syy, y_var)
 
 # %% ../nbs/09_elis.ipynb #cbbc1140
-def run_epoch(pred, opt, data:ELISData, job:ELISJob, epoch:int, y_var:float) -> dict:
-    "Train epoch `epoch` and validate: its record (train and validation loss, MAE, RMSE, and its time)."
+def run_epoch(pred, opt, data:ELISData, job:ELISJob, epoch:int, y_var:float, run:Run|None=None) -> dict:
+    "Train epoch `epoch` (reporting to `run`) and validate: its record (train and validation loss, MAE, RMSE and R², and its time)."
     t0 = time.time()
-    tr = train_epoch(pred, opt, data, job, epoch, y_var)
-    ve = prediction_errors(predict_split(pred, data, 'validation', job.per_device_train_batch_size), data.y['validation'], y_var)
+    tr = train_epoch(pred, opt, data, job, epoch, y_var, run)
+    pv = predict_split(pred, data, 'validation', job.per_device_train_batch_size, job.num_workers)
+    ve = {**prediction_errors(pv, data.y['validation'], y_var), 'r2': r2_score(pv, data.y['validation'])}
     return dict(epoch=epoch, **tr, **{f'val_{k}': v for k, v in ve.items()}, epoch_time=time.time() - t0)
 
 def epoch_line(rec:dict, job:ELISJob, best:bool) -> str:
@@ -755,13 +854,17 @@ def epoch_line(rec:dict, job:ELISJob, best:bool) -> str:
 # %% ../nbs/09_elis.ipynb #167f42a7
 ELIS_FORMAT = 'llmwb-elis-1'
 
-def save_elis_checkpoint(path, pred, opt, job:ELISJob, epoch:int, state:dict) -> Path:
-    "Write the predictor (less a frozen encoder), Adam's state, the job and the training `state` after `epoch` to `path`, atomically."
+def checkpoint_bytes(pred, opt, job:ELISJob, epoch:int, state:dict) -> bytes:
+    "The predictor (less a frozen encoder), Adam's state, the job and the training `state` after `epoch`, as a torch file's bytes."
     sd = {k: v for k, v in pred.state_dict().items() if not (pred.freeze_encoder and k.startswith('encoder.'))}
     buf = io.BytesIO()
     torch.save({'format': ELIS_FORMAT, 'predictor': pred.config, 'encoder_path': pred.encoder_path, 'state': sd, 'optimizer': opt.state_dict(),
                 'epoch': epoch, 'job': job.to_dict(), **state}, buf)
-    return atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+def save_elis_checkpoint(path, pred, opt, job:ELISJob, epoch:int, state:dict) -> Path:
+    "Write `checkpoint_bytes` to `path`, atomically."
+    return atomic_write(path, checkpoint_bytes(pred, opt, job, epoch, state))
 
 def load_elis_checkpoint(path) -> dict:
     "What `save_elis_checkpoint` wrote to `path`; a file that is not an ELIS checkpoint is refused."
@@ -771,16 +874,35 @@ def load_elis_checkpoint(path) -> dict:
         raise LlmwbError(f"{str(path)!r} is not an ELIS checkpoint.", fix="pass a checkpoint written by train_elis (best_model.pt, latest_model.pt, checkpoint_epoch_N.pt).")
     return ck
 
+# %% ../nbs/09_elis.ipynb #397572e8
+HISTORY_KEYS = ('train_loss', 'train_mae', 'train_rmse', 'train_r2', 'val_loss', 'val_mae', 'val_rmse', 'val_r2')
+
+def history_columns(history:list[dict]) -> dict:
+    "training_history.json from the epochs' records: a list per figure (as the original trainer wrote it), `epoch_times`, and `epochs`."
+    return {**{k: [h.get(k) for h in history] for k in HISTORY_KEYS}, 'epoch_times': [h['epoch_time'] for h in history],
+            'epochs': [h['epoch'] for h in history]}
+
+# %% ../nbs/09_elis.ipynb #aa1c5622
+def prune_epoch_checkpoints(ckpt_dir, keep:int, best_epoch:int=0) -> list[Path]:
+    "Delete all but the `keep` newest-written checkpoint_epoch_N.pt files and the best epoch's (keep 0: delete none); the files deleted."
+    if keep <= 0: return []
+    found = [(f.stat().st_mtime_ns, int(m[1]), f) for f in Path(ckpt_dir).glob('checkpoint_epoch_*.pt') if (m := re.fullmatch(r'checkpoint_epoch_(\d+)\.pt', f.name))]
+    gone = [f for _, e, f in sorted(found)[:-keep] if e != best_epoch]
+    for f in gone: f.unlink(missing_ok=True)
+    return gone
+
 # %% ../nbs/09_elis.ipynb #4e980893
-def save_epoch(run:Run, pred, opt, job:ELISJob, epoch:int, stopper:EarlyStopping, history:list) -> list[Path]:
-    "Write the checkpoints due after `epoch` (each reported with `run.saved`) and training_history.json; the files written."
+def save_epoch(run:Run, pred, opt, job:ELISJob, epoch:int, stopper:EarlyStopping, history:list, step:int) -> list[Path]:
+    "Write the checkpoints due after `epoch` (each reported with `run.saved` at global `step`), prune the epoch checkpoints, and write training_history.json; the files written."
     state = dict(best_val_loss=stopper.best, best_epoch=stopper.best_step, bad_epochs=stopper.bad, history=history,
                  val={'loss': history[-1].get('val_loss')})   # the epoch's own, which `llmwb checkpoints` shows
     names = (['best_model.pt'] if stopper.best_step == epoch else []) + ['latest_model.pt'] + \
             ([f'checkpoint_epoch_{epoch}.pt'] if job.save_every and epoch % job.save_every == 0 else [])
-    paths = [save_elis_checkpoint(run.run_dir/'checkpoints'/n, pred, opt, job, epoch, state) for n in names]
-    for p in paths: run.saved(epoch, p)
-    atomic_write(run.run_dir/'training_history.json', json.dumps(history, indent=2))
+    ck = checkpoint_bytes(pred, opt, job, epoch, state)
+    paths = [atomic_write(run.run_dir/'checkpoints'/n, ck) for n in names]
+    for p in paths: run.saved(step, p)
+    prune_epoch_checkpoints(run.run_dir/'checkpoints', job.save_total_limit, stopper.best_step)
+    atomic_write(run.run_dir/'training_history.json', json.dumps(history_columns(history), indent=2))
     return paths
 
 # %% ../nbs/09_elis.ipynb #46b8706a
@@ -815,15 +937,15 @@ def open_elis_run(run:Run, job:ELISJob, resume, ck:dict|None, pred, data:ELISDat
     (run_dir/'checkpoints').mkdir(exist_ok=True)
     facts = dict(encoder=pred.encoder_id, d_in=pred.config['d_in'], head_params=sum(p.numel() for p in pred.head.parameters()),
                  **{f'{k}_records': len(v) for k, v in data.y.items()}, texts_encoded=data.texts_encoded, encode_s=round(data.encode_s, 2))
-    return run.open(run_dir, facts, resumed=resume is not None, purge_step=ck['epoch'] + 1 if resume else None)
+    return run.open(run_dir, facts, resumed=resume is not None, purge_step=ck['epoch'] * steps_per_epoch(data, job) + 1 if resume else None)
 
 # %% ../nbs/09_elis.ipynb #70110bf2
-def evaluate_best(pred, data:ELISData, run_dir:Path, y_var:float, batch_size:int=16) -> tuple[torch.Tensor, dict]:
+def evaluate_best(pred, data:ELISData, run_dir:Path, y_var:float, batch_size:int=16, num_workers:int=0) -> tuple[torch.Tensor, dict]:
     "Load the best epoch's head from the run's best_model.pt and predict the test split: the predictions, and the test loss, MAE, RMSE and R²."
     best = Path(run_dir)/'checkpoints'/'best_model.pt'
     if not best.exists(): raise LlmwbError(f"No epoch was trained in {str(run_dir)!r}.", fix="set num_train_epochs above the resumed epoch.")
     pred.load_state_dict(load_elis_checkpoint(best)['state'], strict=False)
-    pt = predict_split(pred, data, 'test', batch_size)
+    pt = predict_split(pred, data, 'test', batch_size, num_workers)
     te = prediction_errors(pt, data.y['test'], y_var)
     return pt, dict(test_loss=te['loss'], test_mae=te['mae'], test_rmse=te['rmse'], test_r2=r2_score(pt, data.y['test']))
 
@@ -837,14 +959,14 @@ def elis_results(test:dict, stopper:EarlyStopping, history:list, job:ELISJob, da
                 train_s=sum(r['epoch_time'] for r in history), bad_lines=data.report['bad_lines'])
 
 # %% ../nbs/09_elis.ipynb #ebfcfa39
-def plot_training(history:list[dict], path=None):
-    "Train and validation loss per epoch (and validation MAE), from `training_history.json`'s records."
+def plot_training(hist:dict, path=None):
+    "Train and validation loss and MAE per epoch, from `training_history.json` (an original trainer's too: its epochs count from 1)."
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ep = [h['epoch'] for h in history]
-    a.plot(ep, [h['train_loss'] for h in history], 'o-', label='train'); a.plot(ep, [h['val_loss'] for h in history], 's-', label='validation')
+    ep = hist.get('epochs') or list(range(1, len(hist['train_loss']) + 1))
+    a.plot(ep, hist['train_loss'], 'o-', label='train'); a.plot(ep, hist['val_loss'], 's-', label='validation')
     a.set_xlabel('epoch'); a.set_ylabel('MSE / var(train targets)'); a.legend(); a.grid(alpha=.3)
-    b.plot(ep, [h['train_mae'] for h in history], 'o-', label='train'); b.plot(ep, [h['val_mae'] for h in history], 's-', label='validation')
+    b.plot(ep, hist['train_mae'], 'o-', label='train'); b.plot(ep, hist['val_mae'], 's-', label='validation')
     b.set_xlabel('epoch'); b.set_ylabel('MAE (tokens)'); b.legend(); b.grid(alpha=.3)
     fig.tight_layout()
     if path: save_figure(fig, path)
@@ -878,7 +1000,7 @@ def simulate_schedules(job:ELISJob, test_records:Dataset, predictions:list, run_
 def save_elis_outputs(run_dir:Path, job:ELISJob, data:ELISData, history:list, predictions:torch.Tensor, results:dict) -> dict:
     "test_results.json, the loss and predicted-vs-true plots, and (with `simulate`) the scheduling simulation; the results with its headline."
     atomic_write(run_dir/'test_results.json', json.dumps(results, indent=2))
-    plot_training(history, run_dir/'plots'/'loss.png')
+    plot_training(history_columns(history), run_dir/'plots'/'loss.png')
     plot_predictions(predictions, data.y['test'], run_dir/'plots'/'predicted_vs_true.png', title=f"test R² {results['test_r2']:.3f}")
     if not job.simulate: return results
     return {**results, **simulate_schedules(job, data.splits['test'], predictions.tolist(), run_dir)}
@@ -899,27 +1021,27 @@ def train_elis(job:ELISJob,          # the job
             if ck: check_head(ck, job, pred, resume.checkpoint)
             data = elis_data(job, pred, splits, report, quiet)
         run_dir = open_elis_run(run, job, resume, ck, pred, data)
-        y_var, bs = fit_target_scale(pred, data.y['train']), job.per_device_train_batch_size
+        y_var, bs, nb = fit_target_scale(pred, data.y['train']), job.per_device_train_batch_size, steps_per_epoch(data, job)
         opt = torch.optim.Adam([p for p in pred.parameters() if p.requires_grad], lr=job.learning_rate, fused=pred.device.type in ('cpu', 'cuda'))
         stopper, start, history = EarlyStopping(job.early_stopping_patience), 0, []
         if ck:
             start, history = restore_training(ck, pred, opt, stopper)
             run.say(f"resumed {run_dir.name} after epoch {start} (best {stopper.best:.4f} at epoch {stopper.best_step})")
         with run.phase('evaluate_before'):   # a resumed run's head was evaluated before it stopped
-            if not ck: run.log_eval(0, **{f'val_{k}': v for k, v in prediction_errors(predict_split(pred, data, 'validation', bs), data.y['validation'], y_var).items()})
+            if not ck: run.log_eval(0, **{f'val_{k}': v for k, v in prediction_errors(predict_split(pred, data, 'validation', bs, job.num_workers), data.y['validation'], y_var).items()})
         with run.phase('train'):
             for epoch in range(start + 1, job.num_train_epochs + 1):
                 if stopper.stop: break
-                rec = run_epoch(pred, opt, data, job, epoch, y_var)
+                rec = run_epoch(pred, opt, data, job, epoch, y_var, run)
                 history.append(rec)
                 best = stopper.update(rec['val_loss'], epoch)
-                save_epoch(run, pred, opt, job, epoch, stopper, history)
-                run.log_step(epoch, **{k: v for k, v in rec.items() if k.startswith('train_') or k == 'epoch_time'})
-                run.log_eval(epoch, **{k: v for k, v in rec.items() if k.startswith('val_')})
+                save_epoch(run, pred, opt, job, epoch, stopper, history, epoch * nb)
+                run.log_step(epoch * nb, epoch=epoch, **{k: v for k, v in rec.items() if k.startswith('train_') or k == 'epoch_time'})
+                run.log_eval(epoch * nb, epoch=epoch, **{k: v for k, v in rec.items() if k.startswith('val_')})
                 run.say(epoch_line(rec, job, best))
         with run.phase('evaluate_after'):
-            pt, test = evaluate_best(pred, data, run_dir, y_var, bs)
-            run.log_eval(len(history), **test)
+            pt, test = evaluate_best(pred, data, run_dir, y_var, bs, job.num_workers)
+            run.log_eval(len(history) * nb, **test)
             results = elis_results(test, stopper, history, job, data, pred)
         with run.phase('save'):
             results = save_elis_outputs(run_dir, job, data, history, pt, results)
@@ -943,3 +1065,58 @@ def load_predictor(path,                # a run folder (its best_model.pt) or a 
                           fix="load it where the encoder it was trained with is available.")
     pred.load_state_dict(ck['state'], strict=False)
     return pred.to(device).eval()
+
+# %% ../nbs/09_elis.ipynb #4bb03c89
+def encoder_plan(name:str, src:ModelSource) -> str:
+    "Where encoder `name` (resolved to `src` by `resolve_encoder`) loads from, in words."
+    if src.kind == 'local': where = 'packaged with llmwb' if minilm_path() and Path(src.path) == minilm_path() else 'a local folder'
+    elif src.kind == 'hub' and src.offline: where = 'the Hugging Face cache'
+    elif src.kind == 'hub':
+        from huggingface_hub import try_to_load_from_cache
+        where = 'the hub, ' + ('cached' if isinstance(try_to_load_from_cache(src.path, 'config.json'), str) else 'not cached: would download')
+    else: where = src.kind
+    auto = f"auto, as {BGE_ENCODER} cannot be loaded here: " if name == 'auto' and src.name != BGE_ENCODER else 'auto: ' if name == 'auto' else ''
+    return f"{auto}{src.name} ({where}: {src.path})" if src.kind == 'local' else f"{auto}{src.name} ({where})"
+
+# %% ../nbs/09_elis.ipynb #28bf4d6a
+def traces_plan(job:ELISJob) -> str:
+    "The traces `job` would read, in words; refused as `read_traces` would refuse them when a file is missing, unreadable or (its first record) invalid."
+    if job.data == 'sample': return f"sample: {job.n_requests:,} requests generated offline, every {job.every} tokens"
+    files, any_record = trace_files(job.data), False
+    for _, f in files:
+        try:
+            with open(f, encoding='utf-8') as fh: i, line = next(((i, l) for i, l in enumerate(fh, 1) if l.strip()), (0, ''))
+        except (OSError, UnicodeDecodeError) as e: raise DatasetError(f"Trace file {str(f)!r} cannot be read: {e}", fix="check its permissions and that it is UTF-8 JSONL.") from None
+        why = parse_trace_line(line)[1] if line else None
+        if why and not job.skip_bad_lines: raise DatasetError(f"{f}:{i}: {why}.", fix="correct or remove the line, or pass skip_bad_lines=True to skip bad lines.")
+        any_record |= bool(line)
+    if not any_record: raise EmptyDatasetError(f"No trace records in {job.data!r}: its trace files are empty.", fix="point at trace JSONL files with one record per line.")
+    return (f"{job.data}: {len(files)} trace file(s) of {', '.join(sorted({m for m, _ in files}))}, "
+            f"{sum(f.stat().st_size for _, f in files) / 1e6:.1f} MB")
+
+# %% ../nbs/09_elis.ipynb #5bf27622
+from .core import available_devices
+
+def device_plan(device:str) -> str:
+    "The device a run would train on, in words; one this machine lacks is said rather than refused."
+    d = device.strip().lower()
+    if re.fullmatch(r'cuda(:\d+)?|mps', d) and d not in available_devices(): return f"{device} (not available here: the run would stop)"
+    return str(get_device(device)) + (' (auto)' if d == 'auto' else '')
+
+# %% ../nbs/09_elis.ipynb #0144b778
+def elis_plan(job:ELISJob) -> dict:
+    "What `train_elis(job)` would use (`ELISJob.plan`, for --dry_run): encoder, traces, device, embedding cache, checkpoints and the checkpoint it resumes from; nothing loaded, downloaded or written."
+    src = resolve_encoder(job.encoder)
+    out = {'encoder': encoder_plan(job.encoder, src), 'traces': traces_plan(job), 'device': device_plan(job.device)}
+    if job.freeze_encoder:
+        c = EmbeddingCache.folder(job.embedding_cache or elis_cache_dir(), ELISPredictor.embedding_key(src, job.max_length))
+        n = len(json.loads((c/'keys.json').read_text())['keys']) if (c/'keys.json').exists() else 0
+        out['embedding_cache'] = f"{c} " + (f"({n:,} embeddings there; texts not among them are encoded once)" if n else "(empty: every text is encoded once)")
+    else: out['embedding_cache'] = 'none: the encoder is fine-tuned, so every batch runs it'
+    out['checkpoints'] = 'best_model.pt and latest_model.pt' + (f", checkpoint_epoch_N.pt every {job.save_every} epoch(s), the newest "
+                         f"{job.save_total_limit} and the best epoch's kept" if job.save_every else '')
+    out['logging'] = (f"every {job.logging_steps} batches and " if job.logging_steps else '') + 'every epoch'
+    if job.resume_from_checkpoint and (rp := resume_point(job)) and rp.checkpoint:
+        ep = next((c['step'] for c in type(job).checkpoints(rp.run_dir) if Path(c['path']).resolve() == rp.checkpoint.resolve()), None)
+        out['resume'] = f"{rp.checkpoint} (after epoch {ep}; on to epoch {job.num_train_epochs})"
+    return out
