@@ -14,19 +14,20 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .core import (Callback, ConfigError, DatasetError, DependencyError, EarlyStopping, JobConfig, LlmwbError, MetricsLog, ResumePoint,
+from .core import (Callback, ConfigError, DatasetError, DependencyError, DeviceError, EarlyStopping, JobConfig, LlmwbError, MetricsLog, ResumePoint,
                         Run, RunResult, TensorBoardWriter, atomic_write, check_launch, get_device, open_run, pyplot, resume_point,
                         save_figure, set_seed, slugify)
 
 # %% auto #0
-__all__ = ['METRICS', 'SAMPLE_COT', 'DEFAULT_DIMS', 'STAGES', 'WANDB_MODES', 'CKPT_FORMAT', 'check_dims', 'DimensionCompressor',
-           'PrincipalAxes', 'principal_axes', 'optimal_compressor', 'reconstruction_metrics', 'versus_optimum',
-           'HiddenStates', 'load_hidden_model', 'hidden_size', 'check_layer', 'extract_hidden_states',
-           'hidden_cache_dir', 'hidden_cache_key', 'open_hidden_states', 'cached_hidden_states', 'make_sample_cot',
-           'load_texts', 'split_states', 'CompressorJob', 'save_compressor', 'load_compressor', 'compile_compressor',
-           'text_loader', 'train_epoch', 'epoch_record', 'train_stage', 'stage_texts', 'sweep_rows', 'plot_sweep',
-           'SweepBoard', 'WandbLogger', 'Sweep', 'check_starts', 'extract_states', 'load_sweep', 'open_sweep',
-           'fit_optimum', 'stage_start', 'train_one', 'train_sweep', 'score_sweep', 'save_sweep', 'train_compressor']
+__all__ = ['METRICS', 'SAMPLE_COT', 'DEFAULT_DIMS', 'STAGES', 'WANDB_MODES', 'SEED_RATIO', 'CKPT_FORMAT', 'check_dims',
+           'DimensionCompressor', 'PrincipalAxes', 'principal_axes', 'optimal_compressor', 'reconstruction_metrics',
+           'versus_optimum', 'HiddenStates', 'load_hidden_model', 'hidden_size', 'check_layer', 'extract_hidden_states',
+           'hidden_cache_dir', 'hidden_cache_key', 'open_hidden_states', 'cached_hidden_states', 'hidden_model_config',
+           'make_sample_cot', 'load_texts', 'split_states', 'text_source', 'CompressorJob', 'save_compressor',
+           'load_compressor', 'compile_compressor', 'text_loader', 'train_epoch', 'epoch_record', 'train_stage',
+           'stage_texts', 'sweep_rows', 'plot_sweep', 'SweepBoard', 'wandb_run_names', 'WandbLogger', 'Sweep',
+           'check_starts', 'extract_states', 'load_sweep', 'compressor_plan', 'open_sweep', 'fit_optimum',
+           'stage_start', 'train_one', 'train_sweep', 'score_sweep', 'save_sweep', 'train_compressor']
 
 # %% ../nbs/10_compressor.ipynb #4b8cb685
 def check_dims(d_model:int, d_compressed:int, where:str=''):
@@ -34,7 +35,8 @@ def check_dims(d_model:int, d_compressed:int, where:str=''):
     if d_compressed < 1 or d_compressed >= d_model:
         raise ConfigError(f"The compressed size D′={d_compressed} must be between 1 and D-1{where}: the hidden states have D={d_model} "
                           "dimensions, and D′ >= D compresses nothing.",
-                          fix=f"pick D′ below {d_model} (e.g. {', '.join(str(d) for d in (32, 64, 128, 256, 512, 1024) if d < d_model) or d_model // 2}).")
+                          fix=f"pick D′ below {d_model} (e.g. {', '.join(str(d) for d in (32, 64, 128, 256, 512, 1024) if d < d_model) or d_model // 2}), "
+                              "or a model with wider hidden states (LLM-TRM's HuggingFaceTB/SmolLM3-3B has D=3072).")
 
 class DimensionCompressor(nn.Module):
     "Hidden states [..., D] -> [..., D′] -> [..., D] through one linear map and its transpose (tied), optionally around a learned mean."
@@ -106,7 +108,7 @@ def optimal_compressor(states, d_compressed:int, learn_mean:bool=False) -> Dimen
     return principal_axes(states, centred=learn_mean).compressor(d_compressed)
 
 # %% ../nbs/10_compressor.ipynb #e8697610
-METRICS = ('mse', 'cosine', 'relative_error', 'variance_ratio', 'r2')
+METRICS = ('mse', 'cosine_similarity', 'relative_error', 'variance_ratio', 'r2')
 
 @torch.no_grad()
 def reconstruction_metrics(model,             # a compressor (any module mapping [..., D] to [..., D])
@@ -114,7 +116,7 @@ def reconstruction_metrics(model,             # a compressor (any module mapping
                            chunk:int=65536,   # rows per block
                            device=None        # where to run the model (None: where its parameters are)
                           ) -> dict:
-    "mse, cosine, relative_error, variance_ratio and r2 (explained variance) of `model`'s reconstructions of `states`."
+    "mse, cosine_similarity, relative_error, variance_ratio and r2 (explained variance) of `model`'s reconstructions of `states`."
     device = device or next(model.parameters()).device
     n, sse, cos, rel, qx, qxh, sx, sxh = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     for x in _chunks(states, chunk):               # float32 within a block, float64 across blocks
@@ -128,7 +130,7 @@ def reconstruction_metrics(model,             # a compressor (any module mapping
     if not n: raise DatasetError("No hidden states to score.", fix="give it at least one token's states.")
     tot = qx - float((sx ** 2).sum()) / n              # Σ‖x − mean(x)‖²
     tot_h = qxh - float((sxh ** 2).sum()) / n
-    return dict(mse=sse / (n * x.shape[-1]), cosine=cos / n, relative_error=rel / n,
+    return dict(mse=sse / (n * x.shape[-1]), cosine_similarity=cos / n, relative_error=rel / n,
                 variance_ratio=tot_h / tot if tot > 0 else float('nan'), r2=1 - sse / tot if tot > 0 else float('nan'))
 
 def versus_optimum(trained:dict, optimum:dict) -> dict:
@@ -180,13 +182,14 @@ def load_hidden_model(name:str='all-MiniLM-L6-v2',  # all-MiniLM-L6-v2, a preset
     return model.to(device).eval(), tok, name
 
 def hidden_size(model) -> int:
-    "D: the width of `model`'s hidden states."
-    cfg = model.config
+    "D: the width of the hidden states of `model` (or of a model with this config)."
+    cfg = getattr(model, 'config', model)
     return int(getattr(cfg, 'hidden_size', None) or getattr(cfg, 'd_model'))
 
 def check_layer(model, layer:int) -> int:
-    "`layer` as an index into `hidden_states` (0: embeddings, n: last layer); negative counts from the end."
-    n = int(getattr(model.config, 'num_hidden_layers', None) or getattr(model.config, 'num_layers'))
+    "`layer` as an index into `hidden_states` (0: embeddings, n: last layer) of `model` (or a config); negative counts from the end."
+    cfg = getattr(model, 'config', model)
+    n = int(getattr(cfg, 'num_hidden_layers', None) or getattr(cfg, 'num_layers'))
     if not -(n + 1) <= layer <= n:
         raise ConfigError(f"layer={layer} does not exist: the model has {n} layers, so hidden_states has {n + 1} entries (0 is the embeddings).",
                           fix=f"pick a layer from {-(n + 1)} to {n}; -1 is the last.")
@@ -270,6 +273,18 @@ def cached_hidden_states(model, tokenizer, texts:list[str], layer:int=-1, max_le
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return open_hidden_states(folder), True
 
+# %% ../nbs/10_compressor.ipynb #25300440
+def hidden_model_config(name:str='all-MiniLM-L6-v2'   # as for `load_hidden_model`
+                       ) -> tuple[str, object]:
+    "(where `name` loads from, its config), reading no weights and downloading nothing; the config is None for a hub model not cached here."
+    from transformers import AutoConfig
+    from llmwb.models import MINILM, PRESETS, minilm_source, resolve_model_source
+    if name in PRESETS: return f"offline preset {name} (random weights)", PRESETS[name].make_config()
+    src = minilm_source() if name in ('all-MiniLM-L6-v2', MINILM) else resolve_model_source(name)
+    if src.kind == 'hub' and not src.offline: return f"{name} from the hub (downloaded unless cached)", None
+    where = f"{name} from the local Hugging Face cache" if src.kind == 'hub' else f"{name} from {src.path}"
+    return where, AutoConfig.from_pretrained(src.path, local_files_only=True)
+
 # %% ../nbs/10_compressor.ipynb #a4c7bfb4
 _COT_NAMES = ['Ann', 'Ben', 'Cara', 'Dev', 'Eli', 'Fay', 'Gus', 'Hana', 'Ivo', 'Jill', 'Kofi', 'Lena', 'Mo', 'Nia', 'Omar', 'Pia']
 _COT_SHE = {'Ann', 'Cara', 'Fay', 'Hana', 'Jill', 'Lena', 'Nia', 'Pia'}
@@ -340,14 +355,25 @@ def split_states(hs:HiddenStates, seed:int=0, fractions=(0.8, 0.1, 0.1)) -> dict
     return {'train': hs.subset(np.sort(perm[n_val + n_test:])), 'validation': hs.subset(np.sort(perm[:n_val])),
             'test': hs.subset(np.sort(perm[n_val:n_val + n_test]))}
 
+# %% ../nbs/10_compressor.ipynb #51fcc0a5
+def text_source(source:str,              # as for `load_texts`
+                config:str|None=None,    # the dataset's config
+                data_dir=None            # local mirror of hub datasets (None: LLMWB_DATA_DIR)
+               ) -> str:
+    "Where `load_texts(source, ...)` would read its texts from, found without loading or downloading; raises as loading would."
+    if source == SAMPLE_COT: return f"{source} (generated here)"
+    from llmwb.hftrain import dataset_source
+    return dataset_source(source, config or None, 'pretrain', data_dir or None)   # load_texts reads it as load_task(mode='pretrain') does
+
 # %% ../nbs/10_compressor.ipynb #7aae0dde
 DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024)
 STAGES = ('1a', '1b')
-WANDB_MODES = ('off', 'offline', 'online')
+WANDB_MODES = ('off', 'on', 'offline', 'online')
+SEED_RATIO = 12   # LLM-TRM's default compression D/D′: 256 of SmolLM3-3B's 3072
 
 @dataclass
 class CompressorJob(JobConfig):
-    "Weight-tied hidden-state compressors over a sweep of sizes D′: stage 1a on plain text, stage 1b on chain-of-thought text."
+    "Weight-tied hidden-state compressors of one size D′ or a sweep of sizes: stage 1a on plain text, stage 1b on chain-of-thought text."
     model: str = 'all-MiniLM-L6-v2'       # whose hidden states: all-MiniLM-L6-v2 (offline: the packaged copy), a preset, a local or run folder, or a hub id
     layer: int = -1                       # hidden_states index: -1 the last layer, 0 the embeddings
     text_dataset: str = 'sample-imdb'     # stage 1a's plain text: sample-imdb (generated), a catalogue name (wikitext, ...), a hub id or a local path
@@ -357,61 +383,106 @@ class CompressorJob(JobConfig):
     data_dir: str = ''                    # local mirror of hub datasets ('' uses LLMWB_DATA_DIR)
     num_samples: int = 2000               # texts per stage: 80% train, 10% validation (early stopping), 10% held-out test
     max_seq_length: int = 512             # tokens per text at most
-    dims: list|None = None                # the D′ sweep (None: 32 64 128 256 512 1024, those below D)
-    stages: list|None = None              # stages to run, in order (None: 1a 1b); 1b alone starts from init_from's stage-1a weights
-    init_from: str = ''                   # for 1b without 1a: a run folder holding d<D′>/stage1a_best.pt (or one stage1a_best.pt)
+    d_compressed: int|None = None         # the one D′ trained without a sweep (None: D/12, LLM-TRM's ratio: 256 for SmolLM3-3B, 32 for all-MiniLM-L6-v2)
+    sweep: bool = False                   # train every D′ of sweep_d_values instead, each in its folder d<D′>/ with its own wandb run
+    sweep_d_values: list|None = None      # the sweep's D′ values (None: 32 64 128 256 512 1024, those below D); giving them implies sweep
+    stages: list|None = None              # stages to run (LLM-TRM's --stage; None: 1a then 1b); 1b starts from 1a's best of the same D′ when the run has it
+    init_from: str = ''                   # where stage 1b starts when the run has no stage 1a of its D′: a run folder holding d<D′>/stage1a_best.pt (or one stage1a_best.pt)
     learn_mean: bool = False              # subtract a learned mean before compressing (an affine map; the optimum is then centred)
     per_device_train_batch_size: int = 8  # texts per step (all their tokens), per process
     num_train_epochs: int = 10            # epochs per stage at most
     learning_rate: float = 1e-3           # Adam learning rate
-    early_stopping_patience: int = 3      # stop a stage after this many epochs without a better validation loss
-    no_early_stopping: bool = False       # train every epoch (the best epoch is still the one kept)
+    early_stopping: bool = True           # stop a stage after early_stopping_patience epochs without a better validation loss (False: every epoch; the best is kept)
+    early_stopping_patience: int = 3      # epochs without a better validation loss before a stage stops
     torch_compile: bool = True            # torch.compile the compressor (falls back to eager, logged, where compiling fails)
     extract_batch_size: int = 16          # texts per forward pass when extracting hidden states
     hidden_cache: str = ''                # folder of cached hidden states ('' for caches/hidden_states beside llmwb's other caches)
-    wandb: str = 'off'                    # also log to Weights & Biases: off, offline (no network; wandb sync later) or online
-    wandb_project: str = 'llmwb'          # the wandb project
-    resume_from_checkpoint: str = ''      # a run folder (or a checkpoint in one, or 'latest'): continue its sweep, skipping the D′ values and stages already done
+    wandb: str|bool = 'off'               # Weights & Biases, one run per D′: off, on (wandb's own mode: WANDB_MODE, else online), offline or online
+    wandb_project: str = 'llm-trm-phase1' # the wandb project
+    wandb_run_name: str = ''              # the wandb run's name ('': <run folder name>_d<D′>; with several D′ each gets _d<D′> appended)
+    resume_from_checkpoint: str = ''      # a run folder (or a checkpoint in one, or 'latest'): continue it, skipping the D′ values and stages already done
     seed: int = 42                        # seed of the text selection, the splits, the initialisation and the batch order
     device: str = 'auto'                  # auto, cpu, cuda, cuda:N or mps
     output_dir: str = ''                  # the run folder (LLM-TRM's output_dir); '' makes runs/<YYYY-MM-DD_HHhMM>_<name>/
     name: str = ''                        # readable run name; '' makes one from the config
 
-    # what must match for a run to be continued (dims and stages may change: a resumed sweep can grow)
+    extra_aliases = {'dims': 'sweep_d_values', 'stage': 'stages', 'use_wandb': 'wandb'}   # llmwb's older dims; LLM-TRM's --stage and --use_wandb
+    flag_values = {'wandb': ('on', 'off')}   # --use_wandb (or --wandb) alone: on; --no_wandb: off
+    # what must match for a run to be continued (the D′ values and stages may change: a resumed run can grow)
     resume_fields = ('model', 'layer', 'text_dataset', 'text_config', 'cot_dataset', 'cot_config', 'num_samples', 'max_seq_length',
                      'learn_mean', 'seed')
     resume_needs_checkpoint = False   # the run folder alone is enough: its results.json files say which stages are done
+
+    @classmethod
+    def canonical(cls, d:dict) -> dict:
+        "`JobConfig.canonical`, reading llmwb's older `no_early_stopping` as `early_stopping` negated."
+        if 'no_early_stopping' not in d: return super().canonical(d)
+        d = dict(d); v = d.pop('no_early_stopping')
+        if 'early_stopping' in d: raise ConfigError(f"{cls.__name__} was given both 'no_early_stopping' and 'early_stopping', two names for one setting.",
+                                                    fix="pass only early_stopping=... (no_early_stopping is its older, negated name).")
+        return super().canonical({**d, 'early_stopping': not v if isinstance(v, bool) else v})
+
+    @classmethod
+    def prefer_given(cls, d:dict) -> dict:
+        "`JobConfig.prefer_given`; of `early_stopping` and `no_early_stopping` in one namespace, the one left at its default is dropped."
+        if 'no_early_stopping' in d and 'early_stopping' in d:
+            d = {k: v for k, v in d.items() if k != ('early_stopping' if d['early_stopping'] is True else 'no_early_stopping')}
+        return super().prefer_given(d)
+
+    @property
+    def no_early_stopping(self) -> bool: return not self.early_stopping
 
     def validate(self):
         for k in ('num_samples', 'max_seq_length', 'per_device_train_batch_size', 'num_train_epochs', 'early_stopping_patience', 'extract_batch_size'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if not 0 < self.learning_rate < 1: raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
-        if self.dims is not None:
-            try: self.dims = [int(d) for d in self.dims]
-            except (TypeError, ValueError): raise ConfigError(f"dims must be whole numbers, got {self.dims!r}.", fix="e.g. dims=[64, 128].") from None
-            if not self.dims or min(self.dims) < 1: raise ConfigError(f"dims must be a non-empty list of sizes >= 1, got {self.dims!r}.")
-            if len(set(self.dims)) != len(self.dims): raise ConfigError(f"dims repeats a size: {self.dims!r}.")
+        if self.d_compressed is not None and self.d_compressed < 1: raise ConfigError(f"d_compressed must be >= 1, got {self.d_compressed}.")
+        if self.sweep_d_values is not None:
+            try: self.sweep_d_values = [int(d) for d in self.sweep_d_values]
+            except (TypeError, ValueError): raise ConfigError(f"sweep_d_values must be whole numbers, got {self.sweep_d_values!r}.",
+                                                              fix="e.g. --sweep_d_values 128 256 384 512.") from None
+            if not self.sweep_d_values or min(self.sweep_d_values) < 1:
+                raise ConfigError(f"sweep_d_values must be a non-empty list of sizes >= 1, got {self.sweep_d_values!r}.")
+            if len(set(self.sweep_d_values)) != len(self.sweep_d_values): raise ConfigError(f"sweep_d_values repeats a size: {self.sweep_d_values!r}.")
+        if self.d_compressed is not None and self.sweeping:
+            raise ConfigError(f"d_compressed={self.d_compressed} trains one D′, and {'sweep' if self.sweep else f'sweep_d_values={self.sweep_d_values}'} "
+                              "asks for a sweep of several.", fix="drop d_compressed to train the sweep, or drop --sweep/--sweep_d_values to train one D′.")
         if self.stages is not None:
             self.stages = [str(s) for s in ([self.stages] if isinstance(self.stages, str) else self.stages)]
             bad = [s for s in self.stages if s not in STAGES]
             if bad or not self.stages or len(set(self.stages)) != len(self.stages):
-                raise ConfigError(f"stages must list 1a and/or 1b, once each, got {self.stages!r}.", fix="use stages=['1a', '1b'] (the default), ['1a'] or ['1b'].")
+                raise ConfigError(f"stages must list 1a and/or 1b, once each, got {self.stages!r}.", fix="use --stage 1a, --stage 1b, or both (the default).")
             self.stages = [s for s in STAGES if s in self.stages]
+        if isinstance(self.wandb, bool): self.wandb = 'on' if self.wandb else 'off'   # --use_wandb True / False
         if self.wandb not in WANDB_MODES: raise ConfigError(f"wandb must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}.")
 
     @property
     def stage_list(self) -> list[str]: return list(self.stages or STAGES)
+    @property
+    def sweeping(self) -> bool: return self.sweep or self.sweep_d_values is not None
 
-    def sweep(self, d_model:int) -> list[int]:
-        "The D′ values to train for hidden size `d_model`: the default list capped below D, or the chosen ones (each checked)."
-        if self.dims is None: return [d for d in DEFAULT_DIMS if d < d_model]
-        for d in self.dims: check_dims(d_model, d, f" (dims={self.dims})")
-        return sorted(self.dims)
+    def d_values(self, d_model:int) -> list[int]:
+        "The D′ values to train for hidden size `d_model`: d_compressed (or D/12) alone, or the sweep's (the default ones below D), each checked."
+        if not self.sweeping:
+            d = self.d_compressed or max(1, round(d_model / SEED_RATIO))
+            check_dims(d_model, d, f" (d_compressed={d})" if self.d_compressed else f" (d_compressed: D/{SEED_RATIO})")
+            return [d]
+        if self.sweep_d_values is None:
+            dims = [d for d in DEFAULT_DIMS if d < d_model]
+            if not dims: raise ConfigError(f"No D′ of the default sweep {list(DEFAULT_DIMS)} is below D={d_model}.", fix="pass --sweep_d_values with sizes below D.")
+            return dims
+        for d in self.sweep_d_values: check_dims(d_model, d, f" (sweep_d_values={self.sweep_d_values})")
+        return sorted(self.sweep_d_values)
 
     def run_name(self) -> str:
         if self.name: return slugify(self.name)
-        dims = 'sweep' if self.dims is None else 'd' + '-'.join(map(str, sorted(self.dims)))
-        return slugify(f"compressor_{Path(self.model).name}_{dims}_{''.join(self.stage_list)}")
+        if self.sweeping: size = 'sweep' if self.sweep_d_values is None else 'd' + '-'.join(map(str, sorted(self.sweep_d_values)))
+        else: size = f'd{self.d_compressed}' if self.d_compressed else f'ratio{SEED_RATIO}'
+        return slugify(f"compressor_{Path(self.model).name}_{size}_{''.join(self.stage_list)}")
+
+    def plan(self) -> dict:
+        "What `train_compressor` would use, resolved without loading weights, downloading or writing (`compressor_plan`)."
+        return compressor_plan(self)
 
 # %% ../nbs/10_compressor.ipynb #73c569bd
 CKPT_FORMAT = 'llmwb-compressor-1'
@@ -495,7 +566,7 @@ def _weights(model) -> dict: return {k: v.detach().clone() for k, v in model.sta
 
 def train_stage(model:DimensionCompressor,   # the compressor (trained in place; ends with its best epoch's weights)
                 data:dict,                   # {'train', 'validation'} HiddenStates
-                job:CompressorJob,           # per_device_train_batch_size, num_train_epochs, learning_rate, early_stopping_patience, no_early_stopping, torch_compile, seed
+                job:CompressorJob,           # per_device_train_batch_size, num_train_epochs, learning_rate, early_stopping(_patience), torch_compile, seed
                 acc=None,                    # an accelerate.Accelerator (None makes one for job.device)
                 on_epoch=None,               # called with each epoch's record (logging)
                 on_best=None,                # called with (model, record) when the validation loss improves (saving)
@@ -512,7 +583,7 @@ def train_stage(model:DimensionCompressor,   # the compressor (trained in place;
     val = torch.cat(list(data['validation'].chunks()))   # scored every epoch: read once
     history = [epoch_record(model, val, 0, float('nan'), 0.0, opt_val)]   # epoch 0: the starting weights (1b: stage 1a's best)
     if on_epoch: on_epoch(history[0])
-    stopper = EarlyStopping(0 if job.no_early_stopping else job.early_stopping_patience)
+    stopper = EarlyStopping(job.early_stopping_patience if job.early_stopping else 0)
     stopper.update(history[0]['val_mse'], 0); best = _weights(model)
     for epoch in range(1, job.num_train_epochs + 1):
         t0 = time.time()
@@ -536,45 +607,46 @@ def stage_texts(job:CompressorJob, stage:str) -> list[str]:
     source, config = (job.text_dataset, job.text_config) if stage == '1a' else (job.cot_dataset, job.cot_config)
     return load_texts(source, job.num_samples, config, job.seed, job.data_dir)
 
-def _init_checkpoint(job, run_dir:Path|None, d:int) -> Path:
-    "Where stage 1b of D′=`d` starts from: this run's stage-1a checkpoint, else init_from's (refused when there is none)."
+def _init_checkpoint(job, run_dir:Path|None, d:int) -> Path|None:
+    "Where stage 1b of D′=`d` starts: this run's stage-1a checkpoint, else init_from's (refused when it has none); None (an orthogonal start) without either."
     if run_dir is not None and (run_dir/f'd{d}'/'stage1a_best.pt').exists(): return run_dir/f'd{d}'/'stage1a_best.pt'
-    if job.init_from:
-        p = Path(job.init_from).expanduser()
-        for c in ((p/f'd{d}'/'stage1a_best.pt', p/'stage1a_best.pt') if p.is_dir() else (p,)):
-            if c.is_file(): return c
-    looked = [str(run_dir/f'd{d}'/'stage1a_best.pt')] if run_dir else []
-    if job.init_from: looked.append(f"{job.init_from} (d{d}/stage1a_best.pt)")
-    raise ConfigError(f"Stage 1b starts from stage 1a's best checkpoint for D′={d}, and there is none"
-                      + (f": looked in {', '.join(looked)}." if looked else " (no init_from was given)."),
-                      fix="run stage 1a first (stages=['1a', '1b'], the default), or pass init_from=<a run folder holding "
-                          f"d{d}/stage1a_best.pt>.")
+    if not job.init_from: return None
+    p = Path(job.init_from).expanduser()
+    looked = (p/f'd{d}'/'stage1a_best.pt', p/'stage1a_best.pt') if p.is_dir() else (p,)
+    if c := next((c for c in looked if c.is_file()), None): return c
+    raise ConfigError(f"init_from={job.init_from!r} holds no stage-1a checkpoint for D′={d}: looked for {' and '.join(map(str, looked))}.",
+                      fix=f"point init_from at a run folder that trained stage 1a of D′={d}, or leave it empty to start stage 1b from an orthogonal compressor.")
+
+def _upgrade(o):
+    "Results of runs from before the metric was renamed: every `...cosine` key as `...cosine_similarity`."
+    if isinstance(o, dict): return {(k + '_similarity' if k.endswith('cosine') else k): _upgrade(v) for k, v in o.items()}
+    return [_upgrade(v) for v in o] if isinstance(o, list) else o
 
 def _done(run_dir:Path, d:int) -> dict:
     "The stages of D′=`d` that `run_dir` has trained (its d<D′>/results.json), by stage."
     f = run_dir/f'd{d}'/'results.json'
-    return json.loads(f.read_text()) if f.exists() else {}
+    return _upgrade(json.loads(f.read_text())) if f.exists() else {}
 
 # %% ../nbs/10_compressor.ipynb #3e0c741c
 def sweep_rows(run_dir) -> list[dict]:
     "One row per (D′, stage) finished in `run_dir`: test figures, the optimum's, and the percentage."
     rows = []
     for f in sorted(Path(run_dir).glob('d*/results.json'), key=lambda f: int(f.parent.name[1:])):
-        for stage, r in json.loads(f.read_text()).items():
+        for stage, r in _done(Path(run_dir), int(f.parent.name[1:])).items():
             if not r.get('test'): continue
             rows.append({'d_compressed': r['d_compressed'], 'stage': stage, 'ratio': r['ratio'], **r['test'],
                          'best_epoch': r['best_epoch'], 'epochs_run': r['epochs_run'], 'train_s': r['train_s'], 'compiled': r['compiled']})
     return rows
 
 def plot_sweep(rows:list[dict], path=None, title:str=''):
-    "Explained variance and cosine on held-out states against the compression ratio D/D′: trained (points) and optimum (lines), per stage."
+    "Explained variance and cosine similarity on held-out states against the compression ratio D/D′: trained (points) and optimum (lines), per stage."
     plt = pyplot()
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))
     for stage, col in zip(STAGES, ('C0', 'C1')):
         rs = sorted((r for r in rows if r['stage'] == stage), key=lambda r: r['ratio'])
         if not rs: continue
         x = [r['ratio'] for r in rs]
-        for ax, k in zip(axs, ('r2', 'cosine')):
+        for ax, k in zip(axs, ('r2', 'cosine_similarity')):
             ax.plot(x, [r[f'opt_{k}'] for r in rs], '-', color=col, alpha=.6, label=f'{stage}: closed-form optimum')
             ax.plot(x, [r[k] for r in rs], 'o', color=col, label=f'{stage}: trained')
     ratios = sorted({r['ratio'] for r in rows})
@@ -603,28 +675,38 @@ class SweepBoard(TensorBoardWriter):
                 self.tb.add_scalar(self.tag(kind, k, d, s), v, d if k.startswith('test_') else metrics.get('epoch', 0))
 
 # %% ../nbs/10_compressor.ipynb #fd988fb8
+def wandb_run_names(job:CompressorJob, run_name:str, dims:list) -> dict:
+    "The wandb run name of each D′: `wandb_run_name` for a single D′, else `<wandb_run_name or run_name>_d<D′>`."
+    if job.wandb_run_name and len(dims) == 1: return {dims[0]: job.wandb_run_name}
+    return {d: f"{job.wandb_run_name or run_name}_d{d}" for d in dims}
+
 class WandbLogger(Callback):
-    "Weights & Biases beside TensorBoard: each epoch under d<D′>/stage<s>/<metric>, the held-out figures in the summary (main process only)."
-    def __init__(self, job:CompressorJob):
+    "Weights & Biases beside TensorBoard: one run per D′ (`wandb_run_names`), each epoch under stage<s>/<metric>, the held-out figures in its summary (main process only)."
+    def __init__(self, job:CompressorJob, dims:list):
         try: import wandb
         except ImportError: raise DependencyError(f"wandb={job.wandb!r} was asked for, but wandb is not installed.",
-                                                 fix="pip install wandb, or set wandb='off' (TensorBoard logs every run anyway).") from None
-        self.wandb, self.job, self.wb = wandb, job, None
-    def on_open(self, run, facts):
-        if not run.main: return
-        rd = run.run_dir
-        self.wb = self.wandb.init(project=self.job.wandb_project, dir=str(rd), mode=self.job.wandb, name=rd.name, config=self.job.to_dict(),
-                                  id=slugify(rd.name)[-64:], resume='allow' if run.resumed else None)
+                                                 fix="pip install wandb, or --no_wandb (TensorBoard logs every run anyway).") from None
+        self.wandb, self.job, self.dims, self.runs = wandb, job, list(dims), {}
+    def run_for(self, run, d:int):
+        "The wandb run of D′=`d`, started at its first event."
+        if d not in self.runs:
+            rd = run.run_dir
+            self.runs[d] = self.wandb.init(project=self.job.wandb_project, name=wandb_run_names(self.job, rd.name, self.dims)[d], group=rd.name,
+                                           config={**self.job.to_dict(), 'd_compressed': d}, dir=str(rd), id=f"{slugify(rd.name)[:56]}-d{d}",
+                                           mode=None if self.job.wandb == 'on' else self.job.wandb, resume='allow' if run.resumed else None,
+                                           reinit='create_new')
+        return self.runs[d]
     def on_step(self, run, step, metrics):
-        if not self.wb: return
-        at = f"d{metrics['d_compressed']}/stage{metrics['stage']}"
-        self.wb.log({f'{at}/{k}': v for k, v in metrics.items() if k not in ('d_compressed', 'stage', 'epoch') and _number(v)}, step=step)
+        if not run.main: return
+        at = f"stage{metrics['stage']}"
+        self.run_for(run, metrics['d_compressed']).log({f'{at}/{k}': v for k, v in metrics.items() if k not in ('d_compressed', 'stage', 'epoch') and _number(v)}, step=step)
     def on_evaluate(self, run, step, metrics):
-        if not self.wb or 'test_r2' not in metrics: return
-        at = f"d{metrics['d_compressed']}/stage{metrics['stage']}"
-        self.wb.summary.update({f'{at}/test_{k}': metrics[f'test_{k}'] for k in ('r2', 'pct_of_optimum')})
+        if not run.main or 'test_r2' not in metrics: return
+        at = f"stage{metrics['stage']}"
+        self.run_for(run, metrics['d_compressed']).summary.update({f'{at}/{k}': v for k, v in metrics.items() if k.startswith('test_') and _number(v)})
     def on_end(self, run, status, metrics):
-        if self.wb: self.wb.finish(exit_code=0 if status == 'completed' else 1); self.wb = None
+        for wb in self.runs.values(): wb.finish(exit_code=0 if status == 'completed' else 1)
+        self.runs = {}
 
 # %% ../nbs/10_compressor.ipynb #f6d0ad27
 @dataclass
@@ -658,11 +740,12 @@ class Sweep:
 
 # %% ../nbs/10_compressor.ipynb #2a735d52
 def check_starts(job:CompressorJob, resume:ResumePoint|None, dims:list, d_model:int):
-    "Stage 1b without stage 1a: every D′ not done yet has a stage-1a checkpoint that fits D (raises `ConfigError` otherwise)."
+    "Stage 1b without stage 1a: every D′ not done yet that starts from a checkpoint (the run's, or init_from's) has one that fits D (raises `ConfigError` otherwise)."
     if '1b' not in job.stage_list or '1a' in job.stage_list: return
     rd = resume.run_dir if resume else None
     for d in dims:
-        if not (rd and '1b' in _done(rd, d)): load_compressor(_init_checkpoint(job, rd, d), d_model, f"model {job.model!r}")
+        if rd and '1b' in _done(rd, d): continue
+        if ck := _init_checkpoint(job, rd, d): load_compressor(ck, d_model, f"model {job.model!r}")
 
 def extract_states(sw:Sweep, model, tokenizer, progress:bool=True):
     "Each stage's hidden states (through the disk cache), split by text into `sw.states`; rank 0 extracts first."
@@ -676,21 +759,68 @@ def extract_states(sw:Sweep, model, tokenizer, progress:bool=True):
     sw.extract_s = time.time() - t0
 
 def load_sweep(job:CompressorJob, run:Run) -> Sweep:
-    "The data phase: the run a resume continues, the model and its size, the sweep, stage 1b's starts, the texts and their states."
+    "The data phase: the run a resume continues, the model and its size, the D′ values, stage 1b's starts, the texts and their states."
     from accelerate import Accelerator
     device = check_launch(get_device(job.device), run.launch)
     resume = resume_point(job)
     set_seed(job.seed)
     hf, tok, model_id = load_hidden_model(job.model, device='cpu', seed=job.seed)
     D, layer = hidden_size(hf), check_layer(hf, job.layer)
-    dims = job.sweep(D)
-    if not dims: raise ConfigError(f"No D′ in the default sweep {list(DEFAULT_DIMS)} is below D={D}.", fix="pass dims= with sizes below D.")
+    dims = job.d_values(D)
     check_starts(job, resume, dims, D)
     texts = {s: stage_texts(job, s) for s in job.stage_list}
-    if job.wandb != 'off': run.callbacks.append(WandbLogger(job))
+    if job.wandb != 'off': run.callbacks.append(WandbLogger(job, dims))
     sw = Sweep(job, resume, Accelerator(cpu=device.type == 'cpu'), model_id, D, layer, dims, texts)
     extract_states(sw, hf, tok, progress=run.main and not run.quiet)
     return sw
+
+# %% ../nbs/10_compressor.ipynb #fefbf542
+def _device_plan(device:str) -> str:
+    "The device a run would use, or that it is not here (the run would stop; the dry run does not)."
+    try: return str(get_device(device))
+    except DeviceError as e:
+        if 'Unknown device' in str(e): raise
+        return f"{device} (not available here: the run would stop)"
+
+def _wandb_plan(job:CompressorJob, run_name:str, dims:list) -> str:
+    "The wandb line of the plan: mode, project, one run name per D′."
+    import importlib.util
+    if job.wandb == 'off': return 'off'
+    if importlib.util.find_spec('wandb') is None: return f"{job.wandb} (wandb is not installed here: the run would stop)"
+    mode = f"on ({os.environ.get('WANDB_MODE') or 'online'})" if job.wandb == 'on' else job.wandb
+    return f"{mode}, project {job.wandb_project!r}, one run per D′: {', '.join(wandb_run_names(job, run_name, dims).values())}"
+
+def _start_plan(job:CompressorJob, rd:Path|None, d:int) -> str:
+    "Where stage 1b of D′=`d` would start without stage 1a in the job."
+    if rd and '1b' in _done(rd, d): return 'done earlier (skipped)'
+    ck = _init_checkpoint(job, rd, d)
+    return str(ck) if ck else 'an orthogonal compressor (no stage 1a of this D′ in the run continued, and no init_from)'
+
+def compressor_plan(job:CompressorJob) -> dict:
+    "What `train_compressor(job)` would use, resolved without loading weights, downloading or writing; refuses as the run would."
+    from llmwb.core import planned_run_dir
+    where, cfg = hidden_model_config(job.model)
+    resume = resume_point(job)
+    rd = resume.run_dir if resume else None
+    if cfg is None:   # a hub model not cached here: its D is known once it is downloaded
+        dims = job.sweep_d_values or ([job.d_compressed] if job.d_compressed else [])
+        size = dims or ('the default sweep' if job.sweeping else f'D/{SEED_RATIO}')
+        out = {'model': where, 'D′': f"{size} (checked against D once the model is downloaded)"}
+    else:
+        D, layer = hidden_size(cfg), check_layer(cfg, job.layer)
+        dims = job.d_values(D)
+        check_starts(job, resume, dims, D)
+        out = {'model': f"{where}: D={D}, hidden_states[{layer}]",
+               'D′': f"sweep {dims}" if job.sweeping else f"{dims[0]}" + ('' if job.d_compressed else f" (D/{SEED_RATIO}, LLM-TRM's compression ratio)")}
+    for s in job.stage_list:
+        texts = text_source(*((job.text_dataset, job.text_config) if s == '1a' else (job.cot_dataset, job.cot_config)), job.data_dir)
+        starts = ("stage 1a's best of the same D′ (trained just before)" if '1a' in job.stage_list else
+                  '; '.join(f"D′={d}: {_start_plan(job, rd, d)}" for d in dims))
+        out[f'stage {s}'] = f"{job.num_samples} texts of {texts}" + ('' if s == '1a' else f"; starts from {starts}")
+    out['hidden states'] = f"cached in {job.hidden_cache or hidden_cache_dir()} (extracted unless these texts' states are there)"
+    out['wandb'] = _wandb_plan(job, planned_run_dir(job)[0].name, dims)
+    out['device'] = _device_plan(job.device)
+    return out
 
 # %% ../nbs/10_compressor.ipynb #f6e1aa5e
 def open_sweep(run:Run, sw:Sweep) -> Path:
@@ -699,7 +829,8 @@ def open_sweep(run:Run, sw:Sweep) -> Path:
     sw.results = {d: _done(run_dir, d) for d in sw.dims}
     sw.step = max((r['step'] for r in MetricsLog(run_dir).read()), default=0)
     run.open(run_dir, sw.facts(), resumed=sw.resume is not None, tensorboard=SweepBoard)
-    run.say(f"{sw.model_id}: D={sw.d_model}, layer {sw.layer}; sweep D′ = {sw.dims}; stages {sw.job.stage_list}; "
+    size = f"sweep D′ = {sw.dims}" if sw.job.sweeping else f"D′ = {sw.dims[0]}" + ('' if sw.job.d_compressed else f" (D/{SEED_RATIO}, LLM-TRM's ratio)")
+    run.say(f"{sw.model_id}: D={sw.d_model}, layer {sw.layer}; {size}; stages {sw.job.stage_list}; "
             + '; '.join(f"{s}: {len(sw.texts[s])} texts, {sw.states[s]['train'].n_tokens:,} training tokens" for s in sw.states))
     return run_dir
 
@@ -713,10 +844,10 @@ def fit_optimum(run:Run, sw:Sweep):
 
 # %% ../nbs/10_compressor.ipynb #0c11b6c3
 def stage_start(sw:Sweep, run_dir:Path, d:int, stage:str) -> tuple[DimensionCompressor, Path|None]:
-    "(compressor, checkpoint it came from): orthogonal for 1a, stage 1a's best (this run's, else init_from's) for 1b."
+    "(compressor, checkpoint it came from): orthogonal for 1a; for 1b stage 1a's best (this run's, else init_from's), else orthogonal (None)."
     torch.manual_seed(sw.job.seed + d)
-    if stage == '1a': return DimensionCompressor(sw.d_model, d, sw.job.learn_mean), None
-    init = _init_checkpoint(sw.job, run_dir, d)
+    init = _init_checkpoint(sw.job, run_dir, d) if stage == '1b' else None
+    if init is None: return DimensionCompressor(sw.d_model, d, sw.job.learn_mean), None
     c, _ = load_compressor(init, sw.d_model, f"model {sw.job.model!r}")
     want = {'d_model': sw.d_model, 'd_compressed': d, 'learn_mean': sw.job.learn_mean}
     if c.config != want:
@@ -736,7 +867,9 @@ def train_one(run:Run, sw:Sweep, d:int, stage:str):
         if not run.main: return
         save_compressor(ck, m, epoch=rec['epoch'], val=rec, **info); run.saved(sw.step, ck)
     opt_val = sw.opt_val[d, stage]
-    run.say(f"D′={d} (ratio {sw.d_model / d:g}) stage {stage}" + (f", from {init}" if init else '') + f": optimum val R² {opt_val['r2']:.4f}")
+    start = f"from {init}" if init else 'from an orthogonal start' + (
+        '' if stage == '1a' else f" (no stage 1a of D′={d} in this run: --resume the run that trained it, or pass --init_from, to start from it)")
+    run.say(f"D′={d} (ratio {sw.d_model / d:g}) stage {stage} {start}: optimum val R² {opt_val['r2']:.4f}")
     out = train_stage(c, sw.states[stage], sw.job, sw.acc, on_epoch=log, on_best=save, opt_val=opt_val, quiet=run.quiet or not run.main)
     if out['best_epoch'] == 0: save(c, out['history'][0])   # no epoch beat the start
     sw.results[d][stage] = {**{k: v for k, v in out.items() if k != 'history'}, 'd_compressed': d, 'ratio': sw.d_model / d, 'stage': stage,
@@ -764,7 +897,7 @@ def score_sweep(run:Run, sw:Sweep):
             r['test'] = test = versus_optimum(reconstruction_metrics(c, sw.states[s]['test']), reconstruction_metrics(sw.axes[s].compressor(d), sw.states[s]['test']))
             run.log_eval(sw.step, d_compressed=d, stage=s, **{f'test_{k}': v for k, v in test.items()})
             run.say(f"D′={d} stage {s}: test R² {test['r2']:.4f} vs optimum {test['opt_r2']:.4f}: {test['pct_of_optimum']:.2f}%, "
-                    f"cosine {test['cosine']:.4f}, best epoch {r['best_epoch']}/{r['epochs_run']}")
+                    f"cosine_similarity {test['cosine_similarity']:.4f}, best epoch {r['best_epoch']}/{r['epochs_run']}")
         if todo and run.main: atomic_write(run.run_dir/f'd{d}'/'results.json', json.dumps(sw.results[d], indent=2))
     sw.acc.wait_for_everyone()
     sw.trained = {k: c.cpu() for k, c in sw.trained.items()}
@@ -783,7 +916,7 @@ def train_compressor(job:CompressorJob,   # the job
                      quiet:bool=False,     # no progress bars or per-epoch lines
                      callbacks:list=None   # `Callback`s that watch the run's events
                     ) -> RunResult:
-    "Run the sweep `job` describes, stage by stage, and record everything in its run folder."
+    "Train the D′ values and stages `job` describes, and record everything in its run folder."
     with Run(job, callbacks, quiet) as run:
         with run.phase('data'): sw = load_sweep(job, run)         # bad input fails here, before any folder exists
         open_sweep(run, sw)                                        # the run folder: new, or the resumed one
