@@ -19,17 +19,18 @@ from tqdm.auto import tqdm
 
 from .core import (LlmwbError, ConfigError, DatasetError, DatasetNotFoundError, JobConfig, MetricsLog, Run,
                         RunResult, atomic_write, hub_reachable, plot_metrics, project_root, slugify, start_run,
-                        resume_point, record_resume)
-from .data import load_raw_dataset, mirror_path
-from .registry import resolve_dataset, harmonize, pick_split
+                        resume_point, record_resume, looks_like_path)
+from .data import load_raw_dataset, mirror_path, DATA_SUFFIXES, DATA_DIR_ENV
+from .registry import resolve_dataset, harmonize, pick_split, get_spec
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MANIFEST', 'DEFAULT_LEVEL', 'token_dtype', 'shard_name', 'tokenizer_fingerprint',
            'tokenizer_eos_id', 'tokenizer_info', 'encode_shard', 'decode_into', 'decode_shard', 'CacheSource',
-           'batch_encoder', 'token_rows', 'write_manifest', 'read_manifest', 'caches_root', 'default_cache_dir',
-           'build_cache', 'verify', 'fill_gaps', 'PackedCache', 'ShardShuffleSampler', 'estimated_sequences',
-           'smart_warmup', 'CacheJob', 'shard_problem', 'cache_checkpoints', 'CacheInput', 'open_cache_input',
-           'repair_cache', 'grow_cache', 'check_cache', 'cache_summary', 'run_build_cache']
+           'describe_dataset', 'batch_encoder', 'token_rows', 'write_manifest', 'read_manifest', 'caches_root',
+           'default_cache_dir', 'build_cache', 'verify', 'fill_gaps', 'PackedCache', 'ShardShuffleSampler',
+           'estimated_sequences', 'smart_warmup', 'CacheJob', 'shard_problem', 'cache_checkpoints', 'CacheInput',
+           'open_cache_input', 'check_inverse', 'repair_cache', 'cache_figures', 'grow_cache', 'check_cache',
+           'cache_summary', 'run_build_cache', 'cache_plan']
 
 # %% ../nbs/03_cache.ipynb #fbf5c0fa
 FORMAT = 'llmwb-lz4-packed'
@@ -202,6 +203,29 @@ class CacheSource:
         n = f"{self.total_rows:,} rows" if self.total_rows is not None else 'rows: unknown'
         return f"CacheSource({self.spec.key!r} [{self.split}], {'streamed' if self.streamed else 'arrow'}, {n})"
 
+# %% ../nbs/03_cache.ipynb #593568fb
+def describe_dataset(dataset:str,           # catalogue name, sample-imdb, a hub id or a local path
+                     config:str|None=None,  # the dataset's config
+                     data_dir=None          # local mirror of hub datasets (None: $LLMWB_DATA_DIR)
+                    ) -> str:
+    "Where `dataset` would be read from, worked out without loading or downloading it; raises `DatasetNotFoundError` when it cannot be found."
+    s = str(dataset).strip()
+    if s in ('sample-imdb', 'sample-arithmetic'): return f"{s} (generated offline)"
+    p = Path(s).expanduser()
+    if p.exists(): return f"{s} (local {'folder' if p.is_dir() else 'file'})"
+    if looks_like_path(s, DATA_SUFFIXES):
+        raise DatasetNotFoundError(f"No dataset at {s!r}: the path does not exist.", fix=f"check the path (relative paths start at {os.getcwd()}).")
+    try: hf_id = get_spec(s, config).hf_id      # a catalogue name, alias or registered hub id
+    except DatasetNotFoundError:
+        if '/' not in s: raise
+        hf_id = s
+    if (m := mirror_path(hf_id, data_dir)) is not None: return f"{hf_id} (local mirror {m})"
+    if hub_reachable(): return f"{hf_id} (hub: would download)"
+    raise DatasetNotFoundError(f"Dataset {hf_id!r} is not in the local mirror ({DATA_DIR_ENV}={os.environ.get(DATA_DIR_ENV, '') or 'unset'}) "
+                               "and the Hugging Face hub cannot be reached.",
+                               fix=f"point {DATA_DIR_ENV} (or data_dir) at a mirror holding {hf_id}/ (`llmwb fixtures DIR` writes the offline fixtures), "
+                                   "or use 'sample-imdb' or a local path.")
+
 # %% ../nbs/03_cache.ipynb #b46e0d59
 def batch_encoder(tok):
     "A function from a batch of texts to their lists of ids (no special tokens), through the fast backend where it adds nothing."
@@ -350,9 +374,9 @@ def default_cache_dir(dataset:str,           # as given to build_cache
 _MUST_MATCH = ('seq_len', 'shard_size', 'compression_level')
 
 def _check_compatible(man:dict, want:dict, cache_dir):
-    "Refuse to add to a cache made with another tokenizer, seq_len, shard size, compression level or source."
+    "Refuse to add to a cache made with another tokenizer, seq_len, shard size, compression level or source (those of them `want` gives)."
     fix = f"build into another cache folder, or pass force_rebuild=True to delete {str(cache_dir)!r}'s shards and start over."
-    ht, wt = man['tokenizer'], want['tokenizer']
+    ht, wt = man['tokenizer'], want.get('tokenizer', man['tokenizer'])
     if ht['fingerprint'] != wt['fingerprint']:
         raise ConfigError(f"The cache {str(cache_dir)!r} was built with tokenizer {ht['name'] or ht['name_or_path']!r} "
                           f"(vocab {ht['vocab_size']:,}, fingerprint {ht['fingerprint'][:12]}), not with {wt['name'] or wt['name_or_path']!r} "
@@ -362,7 +386,7 @@ def _check_compatible(man:dict, want:dict, cache_dir):
         if man[k] != want[k]:
             raise ConfigError(f"The cache {str(cache_dir)!r} has {k}={man[k]}, and {k}={want[k]} was asked for.",
                               expected=f"{k}={man[k]}", fix=fix)
-    hs, ws = ({k: v for k, v in s.items() if k in ('dataset', 'config', 'split')} for s in (man['source'], want['source']))
+    hs, ws = ({k: v for k, v in s.items() if k in ('dataset', 'config', 'split')} for s in (man['source'], want.get('source', man['source'])))
     if hs != ws:
         raise ConfigError(f"The cache {str(cache_dir)!r} holds {hs}, and {ws} was asked for.", expected="the same dataset, config and split", fix=fix)
 
@@ -798,6 +822,7 @@ class CacheJob(JobConfig):
     target_sequences: int = 0        # grow the cache to this many sequences (0 for the whole source)
     compression_level: int = 9       # LZ4 frame level from 0 to 16, fixed for a cache
     cache_dir: str = ''              # the cache folder ('' for caches/<dataset>_<tokenizer>_L<seq_len> in the project)
+    mode: str = 'normal'             # normal (or forward): fill gaps, then build or grow; inverse: only fill the gaps of the existing cache
     force_rebuild: bool = False      # delete the cache's shards and build it again from the start
     fill_gaps: bool = True           # first rebuild missing or corrupt shards of an existing cache
     verify: bool = True              # check every shard against its checksum at the end
@@ -814,6 +839,18 @@ class CacheJob(JobConfig):
         if self.shard_size < 1: raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}.")
         if self.target_sequences < 0: raise ConfigError(f"target_sequences must be >= 0 (0 for the whole source), got {self.target_sequences}.")
         if not 0 <= self.compression_level <= 16: raise ConfigError(f"compression_level must be in 0..16, got {self.compression_level}.")
+        if self.mode not in ('normal', 'forward', 'inverse'):
+            raise ConfigError(f"Unknown mode {self.mode!r}.", expected="normal (or forward): build or grow the cache; inverse: fill the gaps of the existing cache",
+                              fix="pass --mode inverse to fill gaps only, or leave mode normal.")
+        if self.mode == 'forward': self.mode = 'normal'   # the original script's name for its normal mode
+        if self.mode == 'inverse' and (self.force_rebuild or not self.fill_gaps):
+            raise ConfigError(f"mode='inverse' fills the gaps of the existing cache, and {'force_rebuild=True deletes it' if self.force_rebuild else 'fill_gaps=False turns that off'}.",
+                              expected="inverse mode with fill_gaps on and no force_rebuild",
+                              fix="drop --force-rebuild (or --no-fill_gaps) to fill gaps, or drop --mode inverse.")
+
+    def plan(self) -> dict:
+        "What a run would read, build or repair, resolved without loading the dataset or writing anything (`cache_plan`)."
+        return cache_plan(self)
 
     def resolved_cache_dir(self) -> Path:
         "The cache folder: cache_dir, or the default one for this dataset, tokenizer and seq_len."
@@ -870,10 +907,17 @@ def open_cache_input(job:CacheJob) -> CacheInput:
     src = CacheSource(job.dataset, job.dataset_config or None, job.split or None, job.data_dir or None)
     cache_dir = job.resolved_cache_dir()
     man = read_manifest(cache_dir, missing_ok=True)
+    check_inverse(job, cache_dir, man)
     if man is not None and not job.force_rebuild:
         _check_compatible(man, dict(tokenizer=tokenizer_info(tok, tok_name), seq_len=job.seq_len, shard_size=job.shard_size,
                                     compression_level=job.compression_level, source=src.key), cache_dir)
     return CacheInput(tok, tok_name, src, cache_dir, man)
+
+def check_inverse(job:CacheJob, cache_dir:Path, man:dict|None):
+    "Refuse inverse mode (fill the gaps of an existing cache) when there is no cache at `cache_dir`."
+    if job.mode == 'inverse' and man is None:
+        raise ConfigError(f"mode='inverse' fills the gaps of an existing cache, and there is no cache at {str(cache_dir)!r}.",
+                          fix="build it first (mode normal, the default), or point cache_dir (or dataset, tokenizer, seq_len) at the cache to repair.")
 
 # %% ../nbs/03_cache.ipynb #0b51ab85
 def repair_cache(job:CacheJob, ci:CacheInput, progress:bool=True) -> list[int]:
@@ -881,8 +925,14 @@ def repair_cache(job:CacheJob, ci:CacheInput, progress:bool=True) -> list[int]:
     if ci.manifest is None or not job.fill_gaps or job.force_rebuild: return []
     return fill_gaps(ci.cache_dir, ci.tok, job.data_dir or None, progress=progress)['repaired']
 
+def cache_figures(cache_dir) -> dict:
+    "The figures `build_cache` returns, for the cache as it stands (nothing built)."
+    cache_dir = Path(cache_dir).expanduser()
+    return _figures(read_manifest(cache_dir), dict(cache_dir=str(cache_dir), new_shards=0, new_sequences=0), time.time(), 0)
+
 def grow_cache(run:Run, job:CacheJob, ci:CacheInput, progress:bool=True) -> dict:
-    "Build, continue or grow the cache to target_sequences, reporting each new shard (its figures as a step, its file as a checkpoint)."
+    "Build, continue or grow the cache to target_sequences, reporting each new shard (its figures as a step, its file as a checkpoint); in inverse mode only its figures."
+    if job.mode == 'inverse': return cache_figures(ci.cache_dir)
     def on_shard(f):
         run.log_step(f['shard'], **{k: v for k, v in f.items() if k != 'shard'})
         run.saved(f['sequences'], ci.cache_dir/shard_name(f['shard']))
@@ -925,6 +975,7 @@ def run_build_cache(job:CacheJob,        # the job
         with run.phase('evaluate_before'):
             repaired = repair_cache(job, ci, progress=not quiet)
             if repaired: run.say(f"rebuilt {len(repaired)} missing or corrupt shard(s): {repaired}")
+            elif job.mode == 'inverse': run.say(f"inverse mode: all {len(ci.manifest['shards'])} shards are whole, nothing to fill")
         with run.phase('train'): st = grow_cache(run, job, ci, progress=not quiet)
         with run.phase('evaluate_after'): rep = check_cache(run, job, ci, progress=not quiet)
         with run.phase('save'):
@@ -934,3 +985,33 @@ def run_build_cache(job:CacheJob,        # the job
                                bad_shards=None if rep is None else rep['missing'] + rep['corrupt'], wall_time_s=run.wall_time()))
         run.say(cache_summary(st, rep))
     return RunResult(run_dir, metrics)
+
+# %% ../nbs/03_cache.ipynb #99fb2ad6
+def _cache_plan_line(job:CacheJob, cache_dir:Path, man:dict|None) -> str:
+    if man is None: return f"{cache_dir} (new): would build " + (f"{job.target_sequences:,} sequences of {job.seq_len} tokens" if job.target_sequences
+                                                                 else f"the whole source into sequences of {job.seq_len} tokens")
+    have = f"{cache_dir}: {man['sequences']:,} sequences in {len(man['shards'])} shards"
+    if job.force_rebuild: return f"{have}; would delete them and build it again from the start"
+    bad = [i for i, e in enumerate(man['shards']) if shard_problem(cache_dir, e)]
+    fill = (f"would rebuild {len(bad)} missing or corrupt shard(s) {bad}" if job.fill_gaps else f"{len(bad)} missing or corrupt shard(s) {bad} left (fill_gaps off)") if bad else ''
+    if job.mode == 'inverse': return f"{have}; inverse mode: " + (fill or "every shard is whole, nothing to fill")
+    if job.target_sequences and man['sequences'] >= job.target_sequences: grow = f"it holds target_sequences={job.target_sequences:,}: nothing to add"
+    elif man['source_exhausted']: grow = "it holds the whole source: nothing to add unless the source grew"
+    else: grow = f"would grow it to {job.target_sequences:,} sequences" if job.target_sequences else "would continue through the rest of the source"
+    return '; '.join(x for x in (have, fill, grow) if x)
+
+def cache_plan(job:CacheJob) -> dict:
+    "What a run of `job` would read and do to its cache, resolved without loading the dataset, downloading or writing anything; raises as the run would."
+    from llmwb.models import resolve_model_source
+    ts = resolve_model_source(job.tokenizer)
+    out = dict(dataset=describe_dataset(job.dataset, job.dataset_config or None, job.data_dir or None),
+               tokenizer=f"{job.tokenizer} ({ts.kind}" + (f" {ts.path}" if ts.kind == 'local' else ': would download' if ts.kind == 'hub' and not ts.offline else '') + ')')
+    cache_dir = job.resolved_cache_dir()
+    man = read_manifest(cache_dir, missing_ok=True)
+    check_inverse(job, cache_dir, man)
+    if man is not None and not job.force_rebuild:
+        want = dict(seq_len=job.seq_len, shard_size=job.shard_size, compression_level=job.compression_level)
+        if ts.kind != 'hub' or ts.offline: want['tokenizer'] = tokenizer_info(*_tokenizer(job.tokenizer))   # from local files only
+        _check_compatible(man, want, cache_dir)
+    out['cache'] = _cache_plan_line(job, cache_dir, man)
+    return out

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_lm.ipynb #269cfe17
 from __future__ import annotations
-import os, json, math
+import os, json, math, functools
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from .core import ConfigError, DatasetError, atomic_write
 # %% auto #0
 __all__ = ['LMConfig', 'rope_tables', 'apply_rope', 'RMSNorm', 'CausalSelfAttention', 'SwiGLU', 'Block', 'linear_cross_entropy',
            'TransformerLM', 'to_llama', 'ByteTokenizer', 'get_tokenizer', 'token_file_meta', 'tokenize_to_file',
-           'CacheTokens', 'check_token_ids', 'load_tokens', 'get_batch', 'fixed_batches']
+           'CacheTokens', 'token_range', 'check_token_ids', 'load_tokens', 'token_info', 'describe_tokens', 'get_batch',
+           'fixed_batches']
 
 # %% ../nbs/05_lm.ipynb #806be38c
 @dataclass
@@ -289,13 +290,13 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
     dt = np.dtype('<u2') if V <= 2**16 else np.dtype('<u4')
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_name(f'.{path.name}.{os.getpid()}.part')
-    n, mx, batch = 0, 0, []
+    n, mn, mx, batch = 0, None, 0, []
     enc = batch_encoder(tok) if not isinstance(tok, ByteTokenizer) else lambda ts: [tok.encode(t) for t in ts]
     def flush(f, docs):
-        nonlocal n, mx
+        nonlocal n, mn, mx
         ids = enc(docs)
         arr = np.fromiter((i for x in ids for i in (*x, eos)), dtype=np.int64, count=sum(len(x) + 1 for x in ids))
-        if arr.size: mx = max(mx, int(arr.max()))
+        if arr.size: mx, mn = max(mx, int(arr.max())), int(arr.min()) if mn is None else min(mn, int(arr.min()))
         f.write(arr.astype(dt).tobytes()); n += arr.size
     try:
         with open(raw, 'wb') as f, tqdm(total=total, unit='doc', desc=f'tokenizing to {path.name}', disable=not progress) as bar:
@@ -310,7 +311,7 @@ def tokenize_to_file(texts,                  # an iterable of documents (str)
             mm[:] = np.memmap(raw, dtype=dt, mode='r'); mm.flush(); del mm
             raw.unlink(); raw = out
         with open(raw, 'rb+') as f: os.fsync(f.fileno())
-        meta = dict(dtype=dt.str, tokens=n, vocab_size=V, max_id=mx, eos_id=eos,   # a name get_tokenizer loads again
+        meta = dict(dtype=dt.str, tokens=n, vocab_size=V, min_id=mn, max_id=mx, eos_id=eos,   # a name get_tokenizer loads again
                     tokenizer=tokenizer if isinstance(tokenizer, str) else str(getattr(tok, 'name_or_path', '')))
         os.replace(raw, path)
         atomic_write(Path(str(path) + '.json'), json.dumps(meta, indent=1))
@@ -344,8 +345,16 @@ class CacheTokens:
     def __getitem__(self, i): return self.tokens[i]
     def __repr__(self): return f"CacheTokens({str(self.cache_dir)!r}: {len(self):,} tokens)"
 
-def _max_id(data, chunk:int=1 << 24) -> int:
-    return max((int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+def token_range(data,                 # a token array (a memmap is read a chunk at a time) or CacheTokens
+                meta:dict=None,       # its sidecar metadata: min_id and max_id, when it has them, spare the pass
+                chunk:int=1 << 24     # tokens per chunk
+               ) -> tuple[int, int]:
+    "(smallest, largest) token id of `data`, from the sidecar when it records both, else one pass in chunks; (0, -1) when empty."
+    meta = meta or {}
+    if meta.get('min_id') is not None and meta.get('max_id') is not None: return int(meta['min_id']), int(meta['max_id'])
+    t = getattr(data, 'tokens', data)
+    parts = [(int(c.min()), int(c.max())) for i in range(0, len(t), chunk) if len(c := t[i:i + chunk])]
+    return (min(p[0] for p in parts), max(p[1] for p in parts)) if parts else (0, -1)
 
 def check_token_ids(data,            # a token array or CacheTokens
                     vocab_size:int,  # the model's vocabulary size
@@ -355,7 +364,7 @@ def check_token_ids(data,            # a token array or CacheTokens
     "Raise when an id in `data` is not below `vocab_size` (from the metadata's max_id, else one pass over the data)."
     meta = meta or {}
     mx, vs = meta.get('max_id'), meta.get('vocab_size')
-    if mx is None: mx = _max_id(getattr(data, 'tokens', data))
+    if mx is None: mx = token_range(data)[1]
     if mx >= vocab_size:
         raise DatasetError(f"{str(where)!r} holds token id {mx}, and the model's vocab_size is {vocab_size}.",
                            expected=f"ids below {vocab_size}" + (f" (the data's tokenizer has {vs:,} tokens)" if vs else ''),
@@ -387,6 +396,34 @@ def load_tokens(path,                 # a .bin or .npy token file, or an llmwb.c
             raise DatasetError(f"{str(p)!r} holds a {data.dtype} array of shape {data.shape}, not a flat array of token ids.")
     if vocab_size is not None: check_token_ids(data, vocab_size, p, meta)
     return data
+
+# %% ../nbs/05_lm.ipynb #cd96f674
+def token_info(data,           # a token array or CacheTokens
+               meta:dict=None  # its sidecar metadata or cache manifest facts, if any
+              ) -> dict:
+    "tokens, dtype, memory_mapped, min_id, max_id of `data`, and the vocab_size, tokenizer and eos_id `meta` records (None without)."
+    meta, t = meta or {}, getattr(data, 'tokens', data)
+    lo, hi = token_range(data, meta)
+    return dict(tokens=len(t), dtype=np.dtype(t.dtype).name, memory_mapped=isinstance(t, np.memmap), min_id=lo, max_id=hi,
+                vocab_size=meta.get('vocab_size'), tokenizer=meta.get('tokenizer'), eos_id=meta.get('eos_id'))
+
+@functools.lru_cache(maxsize=64)
+def _file_info(path:str, size:int, mtime_ns:int, dtype:str|None) -> dict:
+    return token_info(load_tokens(path, dtype=dtype), token_file_meta(path))
+
+def describe_tokens(path,           # a .bin or .npy token file, or an llmwb cache folder
+                    dtype:str=None  # dtype of a .bin file without a sidecar (None: uint16)
+                   ) -> dict:
+    "`token_info` of a token file or cache (plus its `kind`: npy, bin or cache), without reading its tokens into memory."
+    p = Path(path).expanduser()
+    if p.is_dir() and (p/'manifest.json').exists():
+        from llmwb.cache import read_manifest
+        man = read_manifest(p)
+        return dict(kind='cache', tokens=man['tokens'], dtype=np.dtype(man['dtype']).name, memory_mapped=False, min_id=None, max_id=None,
+                    vocab_size=man['tokenizer']['vocab_size'], tokenizer=man['tokenizer'].get('name'), eos_id=man['eos_id'])
+    if not p.is_file(): load_tokens(p)   # raises load_tokens' error: no such file, or a folder that is not a cache
+    st = p.stat()
+    return dict(kind=p.suffix[1:], **_file_info(str(p.resolve()), st.st_size, st.st_mtime_ns, dtype))
 
 # %% ../nbs/05_lm.ipynb #fbb4a7ba
 def get_batch(data,                       # a flat token array (memmap, ndarray or CacheTokens)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_loop.ipynb #3cdf0b89
 from __future__ import annotations
-import os, json, math, time, random, shutil, warnings, datetime, contextlib
+import os, re, json, math, time, random, shutil, warnings, datetime, contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,19 +12,42 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import (JobConfig, ConfigError, DatasetError, LlmwbError, MetricsLog, RunResult, Run, Callback, ResumePoint,
-                        atomic_write, get_device, plot_metrics, set_seed, start_run, slugify, resume_point, record_resume,
+from .core import (JobConfig, ConfigError, DatasetError, DeviceError, LlmwbError, MetricsLog, RunResult, Run, Callback, ResumePoint,
+                        atomic_write, get_device, plot_metrics, set_seed, start_run, slugify, resume_point, record_resume, runs_root,
                         scan_checkpoints, list_checkpoints, checkpoint_problem, prune_checkpoints, sha256_file)
 from .lm import (LMConfig, TransformerLM, load_tokens, check_token_ids, get_batch, fixed_batches, tokenize_to_file,
-                      get_tokenizer, CacheTokens, token_file_meta)
+                      get_tokenizer, CacheTokens, token_file_meta, token_info, describe_tokens)
 
 # %% auto #0
-__all__ = ['MODEL_FIELDS', 'CKPT_FILES', 'LMJob', 'suggest_run_name', 'lr_at', 'make_optimizer', 'save_checkpoint',
-           'CheckpointError', 'load_checkpoint', 'checkpoint_root', 'load_resume', 'corpus_token_file', 'token_source',
-           'prepare_data', 'autocast', 'evaluate', 'perplexity', 'progress_line', 'ProgressLine', 'LMState',
-           'resolve_runtime', 'build_state', 'train_step', 'save_lm_checkpoint', 'restore_state', 'truncate_metrics',
-           'open_lm_run', 'compile_model', 'lm_facts', 'generate_text', 'sample_tokenizer', 'sample_text',
-           'save_sample', 'final_metrics', 'train_steps', 'run_validation', 'train_lm', 'weights_equal']
+__all__ = ['CHECKPOINT_FILE_SUFFIXES', 'MODEL_FIELDS', 'DEFAULT_VOCAB_SIZE', 'CKPT_FILES', 'BANNER', 'checkpoint_folder',
+           'checkpoint_owner', 'LMJob', 'default_vocab_size', 'suggest_run_name', 'lr_at', 'make_optimizer',
+           'save_checkpoint', 'CheckpointError', 'load_checkpoint', 'checkpoint_root', 'check_checkpoint_folder',
+           'load_resume', 'corpus_token_file', 'train_path', 'token_source', 'open_tokens', 'resolve_vocab',
+           'check_sizes', 'prepare_data', 'autocast', 'evaluate', 'perplexity', 'progress_line', 'in_notebook',
+           'ProgressLine', 'iter_line', 'IterLines', 'LMState', 'resolved_dtype', 'resolve_runtime', 'build_state',
+           'train_step', 'save_lm_checkpoint', 'restore_state', 'truncate_metrics', 'open_lm_run', 'compile_model',
+           'lm_facts', 'generate_text', 'sample_tokenizer', 'sample_text', 'save_sample', 'final_metrics',
+           'start_lines', 'train_steps', 'run_validation', 'train_lm', 'weights_equal', 'plan_device', 'lm_plan']
+
+# %% ../nbs/06_loop.ipynb #bbd95cad
+CHECKPOINT_FILE_SUFFIXES = ('.pt', '.pth', '.ckpt')   # the original trainer's checkpoint files
+
+def checkpoint_folder(path:str) -> str:
+    "The absolute folder `checkpoint_path` names ('' stays ''): a checkpoint file name such as `ck/model.pt` means the folder `ck/model/`."
+    if not path: return ''
+    p = Path(path).expanduser()
+    if p.suffix.lower() in CHECKPOINT_FILE_SUFFIXES and not p.is_dir(): p = p.with_suffix('')
+    return str(p.absolute())
+
+def checkpoint_owner(folder:str) -> Path|None:
+    "The run (under the runs root) whose checkpoints are in `folder`: the newest LMJob run whose config names it and which left some; None."
+    if not folder or not any(Path(folder).glob('step_*')): return None
+    owners = []
+    for c in runs_root().glob('*/config.json'):
+        try: saved = json.loads(c.read_text())
+        except (OSError, json.JSONDecodeError): continue
+        if saved.get('job') == 'LMJob' and saved.get('checkpoint_path') == folder: owners.append(c.parent)
+    return max(owners, key=lambda p: (p/'config.json').stat().st_mtime, default=None)
 
 # %% ../nbs/06_loop.ipynb #3248c511
 MODEL_FIELDS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta', 'tie_embeddings')
@@ -37,7 +60,7 @@ class LMJob(JobConfig):
     corpus: str = 'sample-imdb'            # text tokenized when train_data is '': catalogue name, hub id or local file
     tokenizer: str = 'bytes'               # for corpus and samples: bytes (UTF-8, 257 ids) or a preset / folder / hub id
     val_tokens: int = 32768                # tokens held out for validation when val_data is ''
-    vocab_size: int = 0                    # 0: the data's tokenizer's vocabulary size
+    vocab_size: int = 0                    # 0: from the data (its tokenizer's; a plain token file: 10000, the original's default, or its largest id + 1)
     context_length: int = 128              # tokens per training window
     d_model: int = 128                     # width of the residual stream
     num_layers: int = 4                    # transformer blocks
@@ -59,7 +82,7 @@ class LMJob(JobConfig):
     eval_batches: int = 10                 # fixed validation batches
     logging_steps: int = 10                # a metrics line every this many steps
     save_steps: int = 200                  # a checkpoint every this many steps (0: only at the end)
-    checkpoint_path: str = ''              # checkpoint folder ('' for <run>/checkpoints)
+    checkpoint_path: str = ''              # checkpoint folder ('' for <run>/checkpoints); a file name such as ck/model.pt means the folder ck/model/
     save_total_limit: int = 3              # checkpoints kept besides the best by val loss (0: all)
     resume_from_checkpoint: str = ''       # latest, or a run or checkpoint folder: continue that run exactly
     device: str = 'auto'                   # auto, cpu, cuda, cuda:N or mps
@@ -74,7 +97,7 @@ class LMJob(JobConfig):
 
     # what must match for a run to be continued
     resume_fields = (*MODEL_FIELDS, 'train_data', 'val_data', 'corpus', 'tokenizer', 'val_tokens', 'per_device_train_batch_size',
-                     'gradient_accumulation_steps', 'seed')
+                     'gradient_accumulation_steps', 'seed', 'checkpoint_path')
 
     def validate(self):
         for k in ('context_length', 'd_model', 'num_layers', 'num_heads', 'per_device_train_batch_size', 'gradient_accumulation_steps',
@@ -88,6 +111,13 @@ class LMJob(JobConfig):
         if self.dtype not in ('auto', 'fp32', 'bf16'): raise ConfigError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}.", fix="use dtype='bf16' or 'fp32'.")
         if self.max_grad_norm < 0: raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}.")
         self.model_config()   # d_model / num_heads and the other shape checks
+        self.checkpoint_path = checkpoint_folder(self.checkpoint_path)
+        if self.resume_from_checkpoint == 'latest' and self.checkpoint_path and not self.output_dir:   # the run that wrote there
+            self.resume_from_checkpoint = str(checkpoint_owner(self.checkpoint_path) or 'latest')
+
+    def plan(self) -> dict:
+        "What a run would read and build, resolved without writing anything (`lm_plan`)."
+        return lm_plan(self)
 
     def model_config(self, vocab_size:int=None) -> LMConfig:
         "The model's `LMConfig` (vocab_size from the data when the job leaves it 0)."
@@ -106,6 +136,16 @@ class LMJob(JobConfig):
         "The checkpoints of one of its runs, in that run's checkpoint folder (`checkpoint_root`)."
         return scan_checkpoints(run_dir, root=checkpoint_root(run_dir))
 
+# %% ../nbs/06_loop.ipynb #de47ca1e
+DEFAULT_VOCAB_SIZE = 10_000   # the original trainer's --vocab_size default
+
+def default_vocab_size(info:dict) -> tuple[int, str]:
+    "The vocabulary size of a job left at vocab_size=0, for data `info` (`lm.token_info`), and where it comes from."
+    if info.get('vocab_size'): return info['vocab_size'], "the data's tokenizer" + (f" {info['tokenizer']!r}" if info.get('tokenizer') else '')
+    if info['max_id'] < DEFAULT_VOCAB_SIZE:
+        return DEFAULT_VOCAB_SIZE, f"no tokenizer recorded: the original trainer's default; the ids go up to {info['max_id']:,}"
+    return info['max_id'] + 1, f"no tokenizer recorded: the largest id {info['max_id']:,} + 1, above the original trainer's default {DEFAULT_VOCAB_SIZE:,}"
+
 # %% ../nbs/06_loop.ipynb #afe9b4a3
 def _human(n:float) -> str:
     for div, s in ((1e9, 'B'), (1e6, 'M'), (1e3, 'K')):
@@ -113,11 +153,10 @@ def _human(n:float) -> str:
     return str(int(n))
 
 def _data_vocab(job:LMJob) -> int|None:
-    "The vocabulary size the job's data records (token file sidecar or cache manifest), or its tokenizer's for a corpus."
+    "The vocabulary size vocab_size=0 gives for the job's data (`default_vocab_size`), or its tokenizer's for a corpus; None when unknown."
     if not job.train_data: return 257 if job.tokenizer == 'bytes' else None
-    p = Path(job.train_data).expanduser()
-    if (p/'manifest.json').exists(): return json.loads((p/'manifest.json').read_text())['tokenizer']['vocab_size']
-    return (token_file_meta(p) or {}).get('vocab_size')
+    try: return default_vocab_size(describe_tokens(job.train_data))[0]
+    except LlmwbError: return None   # data that is not there: the run says so when it reads it
 
 def suggest_run_name(job:LMJob, vocab_size:int=None) -> str:
     "`<parameters>_<data>_<context>`: the model's parameter count, the data and the context length."
@@ -220,6 +259,14 @@ def checkpoint_root(run_dir,                 # a run folder of the loop
         except (OSError, json.JSONDecodeError): checkpoint_path = ''
     return Path(checkpoint_path).expanduser() if checkpoint_path else Path(run_dir)/'checkpoints'
 
+# %% ../nbs/06_loop.ipynb #c06454d6
+def check_checkpoint_folder(job:LMJob, resumed:bool):
+    "Refuse a new run (not `resumed`) whose checkpoint_path already holds checkpoints."
+    old = sorted(Path(job.checkpoint_path).glob('step_*')) if job.checkpoint_path and not resumed else []
+    if old: raise ConfigError(f"checkpoint_path {job.checkpoint_path!r} already holds the checkpoints of an earlier run (up to {old[-1].name}).",
+                              expected="a new or empty checkpoint folder for a new run",
+                              fix="continue that run with --resume (resume_from_checkpoint='latest'), or pass another checkpoint_path.")
+
 # %% ../nbs/06_loop.ipynb #62b955a3
 def _passed_over(rp:ResumePoint) -> list[dict]:
     "The damaged checkpoints newer than the one `rp` continues from, when that is the newest usable one (resume_point passed over them)."
@@ -262,40 +309,67 @@ def corpus_token_file(corpus:str, tokenizer:str) -> Path:
     d = default_cache_dir(corpus, tokenizer, 0)
     return d.parent/'tokens'/(d.name.rsplit('_L', 1)[0] + '.bin')
 
-def token_source(job:LMJob, progress:bool=True) -> Path:
+def train_path(job:LMJob) -> Path:
+    "Where the job's training tokens are: `train_data` (refused when it does not exist), or `corpus_token_file` (there or not yet)."
+    if not job.train_data: return corpus_token_file(job.corpus, job.tokenizer)
+    path = Path(job.train_data).expanduser()
+    if not path.exists(): raise DatasetError(f"train_data {job.train_data!r} does not exist.", fix="check the path, or leave train_data '' to tokenize corpus.")
+    return path
+
+def _silent(*args): pass
+
+def token_source(job:LMJob, progress:bool=True, say=_silent) -> Path:
     "The token file or cache the job trains on: `train_data`, or `corpus` tokenized once into `corpus_token_file`."
-    if job.train_data:
-        path = Path(job.train_data).expanduser()
-        if not path.exists(): raise DatasetError(f"train_data {job.train_data!r} does not exist.", fix="check the path, or leave train_data '' to tokenize corpus.")
-        return path
-    path = corpus_token_file(job.corpus, job.tokenizer)   # tokenized once, reused by later runs
-    if not path.exists():
+    path = train_path(job)
+    if not path.exists():   # a corpus tokenized once, reused by later runs
+        say(f"Tokenizing {job.corpus} with {job.tokenizer} into {path}...")
         src, texts = _corpus_texts(job.corpus)
         tokenize_to_file(texts, path, job.tokenizer, total=src.total_rows, progress=progress)
     return path
 
 # %% ../nbs/06_loop.ipynb #538bca16
-def prepare_data(job:LMJob, progress:bool=True) -> tuple[_Split, _Split, dict]:
-    "(train, validation, facts): the token arrays the job trains and validates on, checked against vocab_size and context_length."
-    path = token_source(job, progress)
+def open_tokens(path, what:str='training', say=_silent) -> tuple[object, dict]:
+    "A token file or cache (`load_tokens`) and its `token_info` (a file's from `describe_tokens`), with the original trainer's lines on it."
+    say(f"Loading {what} data from {path}...")
     data = load_tokens(path)
-    meta = data.meta if isinstance(data, CacheTokens) else (token_file_meta(path) or {})
-    V = job.vocab_size or meta.get('vocab_size')
-    if not V: raise ConfigError(f"vocab_size=0 and {str(path)!r} does not record its vocabulary size.", fix="pass vocab_size (the tokenizer's, or more).")
-    check_token_ids(data, V, path, meta)   # every id fits (from the sidecar's max_id, or one pass)
-    if job.val_data:
-        val = _Split(load_tokens(job.val_data, vocab_size=V)); train = _Split(data)
-    else:
-        if len(data) <= job.val_tokens + job.context_length + 1:
-            raise DatasetError(f"{str(path)!r} holds {len(data):,} tokens: too few to hold out val_tokens={job.val_tokens:,} and train on windows of {job.context_length + 1}.",
+    info = token_info(data, data.meta) if isinstance(data, CacheTokens) else describe_tokens(path)
+    say(f"Loaded dataset: {info['tokens']:,} tokens, dtype: {info['dtype']}, memory-mapped: {info['memory_mapped']}")
+    say(f"Token range: {info['min_id']} to {info['max_id']}")
+    return data, info
+
+def resolve_vocab(job:LMJob, info:dict) -> tuple[int, str]:
+    "The model's vocabulary size for data `info`, and where it comes from: vocab_size, else `default_vocab_size`."
+    return (job.vocab_size, 'given') if job.vocab_size else default_vocab_size(info)
+
+def check_sizes(job:LMJob, path, n_data:int, n_val:int=None):
+    "Refuse data too small for the job: the held-out val_tokens and a window (`n_val` None: no val_data), and a window in each split."
+    if n_val is None:
+        if n_data <= job.val_tokens + job.context_length + 1:
+            raise DatasetError(f"{str(path)!r} holds {n_data:,} tokens: too few to hold out val_tokens={job.val_tokens:,} and train on windows of {job.context_length + 1}.",
                                fix="pass val_data, lower val_tokens or context_length, or use more data.")
+        n_data, n_val = n_data - job.val_tokens, job.val_tokens
+    for nm, n in (('train', n_data), ('val', n_val)):
+        if n <= job.context_length:
+            raise DatasetError(f"context_length={job.context_length} is larger than the {nm} data ({n:,} tokens).", fix=f"use context_length < {n}, or more data.")
+
+def prepare_data(job:LMJob, progress:bool=True, say=_silent) -> tuple[_Split, _Split, dict]:
+    "(train, validation, facts): the token arrays the job trains and validates on, checked against the vocabulary and context_length; `say` gets the original trainer's lines on them."
+    path = token_source(job, progress, say)
+    data, info = open_tokens(path, 'training', say)
+    V, why = resolve_vocab(job, info)
+    check_token_ids(data, V, path, info)   # every id fits (from the sidecar's max_id, or the pass token_info made)
+    if job.val_data:
+        vdata, vinfo = open_tokens(job.val_data, 'validation', say)
+        check_token_ids(vdata, V, job.val_data, vinfo)
+        check_sizes(job, path, len(data), len(vdata))
+        train, val = _Split(data), _Split(vdata)
+    else:
+        check_sizes(job, path, len(data))
         val, train = _Split(data, 0, job.val_tokens), _Split(data, job.val_tokens)
-    for nm, s in (('train', train), ('val', val)):
-        if len(s) <= job.context_length:
-            raise DatasetError(f"context_length={job.context_length} is larger than the {nm} data ({len(s):,} tokens).",
-                               fix=f"use context_length < {len(s)}, or more data.")
+        say(f"Validation: the first {len(val):,} tokens, held out ({len(train):,} left to train on)")
+    say(f"Vocabulary size: {V:,} ({why})")
     return train, val, dict(vocab_size=V, train_tokens=len(train), val_tokens=len(val), data_path=str(path),
-                            tokenizer=meta.get('tokenizer'), eos_id=meta.get('eos_id'))
+                            tokenizer=info['tokenizer'], eos_id=info['eos_id'])
 
 # %% ../nbs/06_loop.ipynb #d452bcb3
 def autocast(device, dtype:str):
@@ -326,6 +400,10 @@ def progress_line(step:int, total:int, loss:float, tok_s:float, eta_s:float) -> 
     return f"Step {step:,}/{total:,} ({100 * step / total:.1f}%) | loss {loss:.3f} | {tok_s:,.0f} tok/s | ETA {_fmt_eta(eta_s)}"
 
 # %% ../nbs/06_loop.ipynb #8ea18036
+def in_notebook() -> bool:
+    "Whether progress bars draw as notebook widgets here (tqdm.auto's choice), beside printed lines rather than through them."
+    return tqdm.__module__ == 'tqdm.notebook'
+
 class ProgressLine(Callback):
     "The loop's one-line progress (`progress_line`), through tqdm, from each logged step's loss and tokens/s."
     def __init__(self, total:int, initial:int=0, tokens_per_step:int=1, disable:bool=False):
@@ -339,6 +417,33 @@ class ProgressLine(Callback):
     def on_phase_end(self, run, phase, seconds):
         if phase == 'train': self.bar.close()
     def on_end(self, run, status, metrics): self.bar.close()
+
+# %% ../nbs/06_loop.ipynb #e0afa3d9
+def iter_line(step:int, loss:float=None, lr:float=None, val_loss:float=None) -> str:
+    "The original trainer's line: `Iter    100 | Loss: 8.2156 | LR: 5.00e-06`, with `| Val Loss: 5.6234` at an evaluation."
+    parts = [f"Iter {step:6d}"] + ([f"Loss: {loss:.4f}", f"LR: {lr:.2e}"] if loss is not None else [])
+    return ' | '.join(parts + ([f"Val Loss: {val_loss:.4f}"] if val_loss is not None else []))
+
+class IterLines(Callback):
+    "The original trainer's printed lines, from the run's events: `iter_line` per logged step and evaluation, and the checkpoints."
+    def __init__(self, eval_steps:int, max_steps:int): self.eval_steps, self.max_steps, self.held, self.phase = eval_steps, max_steps, None, None
+    def flush(self, run, val_loss:float=None):
+        if self.held: run.say(iter_line(*self.held, val_loss=val_loss)); self.held = None
+    def on_phase_start(self, run, phase): self.phase = phase
+    def on_step(self, run, step, metrics):
+        self.flush(run)
+        if 'data_grew' in metrics: run.say(f"The data grew by {metrics['data_grew']:,} tokens: {metrics['data_tokens']:,} to train on from iteration {step}")
+        if 'loss' not in metrics: return
+        self.held = (step, metrics['loss'], metrics['lr'])
+        if step % self.eval_steps and step != self.max_steps: self.flush(run)   # no evaluation at this step
+    def on_evaluate(self, run, step, metrics):
+        if self.held and self.held[0] == step: self.flush(run, metrics['val_loss'])
+        else: self.flush(run); run.say(iter_line(step, val_loss=metrics['val_loss']))
+    def on_checkpoint(self, run, step, path):
+        self.flush(run)
+        if self.phase == 'save': run.say("Training complete! Saving final checkpoint..."); run.say(f"Final checkpoint saved to {path}")
+        else: run.say(f"Saving checkpoint at iteration {step}...")
+    def on_end(self, run, status, metrics): self.flush(run)
 
 # %% ../nbs/06_loop.ipynb #fc962f41
 @dataclass
@@ -359,10 +464,15 @@ class LMState:
     compile_error: str|None = None
     ckpt_root: Path|None = None
 
+def resolved_dtype(dtype:str, device) -> str:
+    "The autocast precision `dtype` means on `device`: auto is bf16 on CUDA that has it, else fp32."
+    if dtype != 'auto': return dtype
+    return 'bf16' if torch.device(device).type == 'cuda' and torch.cuda.is_bf16_supported() else 'fp32'
+
 def resolve_runtime(job:LMJob) -> tuple[LMJob, torch.device]:
-    "The device, and the job with dtype 'auto' resolved (bf16 on CUDA that has it, else fp32); sets torch's CPU threads."
+    "The device, and the job with dtype 'auto' resolved (`resolved_dtype`); sets torch's CPU threads."
     device = get_device(job.device)
-    if job.dtype == 'auto': job = job.replace(dtype='bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'fp32')
+    if job.dtype == 'auto': job = job.replace(dtype=resolved_dtype(job.dtype, device))
     if job.num_threads: torch.set_num_threads(job.num_threads)
     return job, device
 
@@ -490,6 +600,18 @@ def final_metrics(run:Run, st:LMState, job:LMJob, start:int, resumed:bool, val_l
                 tokens_per_s=round((job.max_steps - start) * n / max(run.seconds.get('train', 0), 1e-9), 1),
                 wall_seconds=round(run.wall_time(), 1), **st.facts, compile_error=st.compile_error, sample=sample)
 
+# %% ../nbs/06_loop.ipynb #a7428321
+BANNER = ('=' * 60, 'TRANSFORMER LANGUAGE MODEL TRAINING', '=' * 60)
+
+def start_lines(st:LMState, job:LMJob, start:int) -> list[str]:
+    "The original trainer's start-up lines on the model and the run, from iteration `start`."
+    m = st.model
+    acc = f", Gradient accumulation: {job.gradient_accumulation_steps}" if job.gradient_accumulation_steps > 1 else ''
+    return [f"Initializing TransformerLM with {job.num_layers} layers, {job.d_model} dimensions...",
+            f"Model parameters: {m.num_params():,} total, {sum(p.numel() for p in m.parameters() if p.requires_grad):,} trainable",
+            f"Starting training from iteration {start} to {job.max_steps}...", f"Device: {st.device}",
+            f"Batch size: {job.per_device_train_batch_size}, Context length: {job.context_length}{acc}", '-' * 60]
+
 # %% ../nbs/06_loop.ipynb #7f9e9a75
 def train_steps(run:Run, st:LMState, job:LMJob, sample_tok=None):
     "Train `st` to `max_steps`, logging, validating and checkpointing on the way."
@@ -516,15 +638,17 @@ def run_validation(run:Run, st:LMState, job:LMJob, sample_tok=None, best:bool=Tr
 
 # %% ../nbs/06_loop.ipynb #6467f972
 def train_lm(job:LMJob,                # the job
-             quiet:bool=False,          # no progress line or prints
+             quiet:bool=False,          # print nothing (training.log still gets the lines)
              callbacks:list=None        # `core.Callback`s that watch the run's events
             ) -> RunResult:
     "Train `job`'s TransformerLM; the run folder gets metrics, TensorBoard, checkpoints, plots and a sample."
     with Run(job, callbacks, quiet) as run:
+        for line in BANNER: run.say(line)
         with run.phase('data'):
             job, device = resolve_runtime(job); run.job = job
             rp = resume_point(job)
-            train, val, facts = prepare_data(job, progress=not quiet)
+            check_checkpoint_folder(job, rp is not None)
+            train, val, facts = prepare_data(job, progress=not quiet, say=run.say)
         st = build_state(job, train, val, facts, device)
         ck, grown = restore_state(st, job, rp) if rp else (None, 0)
         start = st.step
@@ -533,8 +657,10 @@ def train_lm(job:LMJob,                # the job
         st.ckpt_root = checkpoint_root(run_dir, job.checkpoint_path)
         run.open(run_dir, lm_facts(st, job), resumed=rp is not None, purge_step=start + 1 if rp else None)
         if rp: run.say(f"resumed {run_dir.name} from {ck.name} (step {start:,})" + (f"; the data grew by {grown:,} tokens" if grown else ''))
+        for line in start_lines(st, job, start): run.say(line)
         sample_tok = sample_tokenizer(job, facts)
-        run.callbacks.append(ProgressLine(job.max_steps, start, facts['tokens_per_step'], disable=quiet or not run.main))
+        run.callbacks += [IterLines(job.eval_steps, job.max_steps),
+                          ProgressLine(job.max_steps, start, facts['tokens_per_step'], disable=quiet or not run.main or not in_notebook())]
         with run.phase('evaluate_before'): run_validation(run, st, job, best=False)
         with run.phase('train'): train_steps(run, st, job, sample_tok)
         with run.phase('evaluate_after'): val_loss = run_validation(run, st, job)
@@ -552,3 +678,52 @@ def weights_equal(a, b) -> bool:
     pick = lambda p: Path(p) if (Path(p)/'model.safetensors').exists() else Path(list_checkpoints(p)[-1]['path'])
     x, y = load_file(pick(a)/'model.safetensors'), load_file(pick(b)/'model.safetensors')
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+# %% ../nbs/06_loop.ipynb #14125d3c
+def _tokens_line(path, info:dict) -> str:
+    ids = f", ids {info['min_id']} to {info['max_id']}" if info['max_id'] is not None else ''
+    return f"{path} ({info['kind']}: {info['tokens']:,} tokens of {info['dtype']}{ids}" + (f", tokenizer {info['tokenizer']}" if info.get('tokenizer') else '') + ')'
+
+def _tokenizer_vocab(name:str) -> int|None:
+    "The vocabulary size of tokenizer `name` when it loads from local files (None: a hub tokenizer not downloaded yet)."
+    if name == 'bytes': return 257
+    from llmwb.models import resolve_model_source
+    s = resolve_model_source(name)
+    return None if s.kind == 'hub' and not s.offline else len(get_tokenizer(name))
+
+def plan_device(device:str) -> tuple[str, torch.device|None]:
+    "(what the dry run says of `device`, the device) where it is here; (a line saying it is not here, None) where it is not."
+    try: dev = get_device(device)
+    except DeviceError:
+        if not re.fullmatch(r'cuda(:\d+)?|mps', device.strip().lower()): raise   # not a device name at all
+        return f"{device} (not available here: the run would stop)", None
+    return str(dev), dev
+
+# %% ../nbs/06_loop.ipynb #2b850434
+def lm_plan(job:LMJob) -> dict:
+    "What a run of `job` would read and build, without writing anything: data, vocabulary, model, checkpoints, device; raises as the run would."
+    path, out = train_path(job), {}
+    info = describe_tokens(path) if path.exists() else None
+    if info: out['train_data'] = _tokens_line(path, info)
+    else:
+        from llmwb.cache import describe_dataset
+        out['train_data'] = f"{describe_dataset(job.corpus)}, tokenized with {job.tokenizer} into {path} (not there yet)"
+    if info or job.vocab_size: V, why = resolve_vocab(job, info)
+    else: V, why = _tokenizer_vocab(job.tokenizer), f"the tokenizer {job.tokenizer!r}"
+    if info and info['max_id'] is not None: check_token_ids(None, V, path, info)
+    if job.val_data:
+        vinfo = describe_tokens(job.val_data)
+        if vinfo['max_id'] is not None: check_token_ids(None, V, job.val_data, vinfo)
+        out['val_data'] = _tokens_line(job.val_data, vinfo)
+    else: out['val_data'] = f"the first {job.val_tokens:,} tokens of the training data, held out"
+    if info: check_sizes(job, path, info['tokens'], vinfo['tokens'] if job.val_data else None)
+    if V:
+        with torch.device('meta'): m = TransformerLM(job.model_config(V))
+        out['vocab_size'] = f"{V:,} ({why})"
+        out['model'] = f"TransformerLM, {job.num_layers} layers, d_model {job.d_model}, {job.num_heads} heads, d_ff {m.cfg.d_ff}: {m.num_params():,} parameters"
+    else: out['vocab_size'] = f"{why}'s (it would be downloaded)"
+    check_checkpoint_folder(job, bool(job.resume_from_checkpoint))
+    out['checkpoints'] = job.checkpoint_path or "the run folder's checkpoints/"
+    out['device'], dev = plan_device(job.device)
+    out['dtype'] = resolved_dtype(job.dtype, dev) if dev is not None else job.dtype
+    return out

@@ -183,3 +183,52 @@ def test_job_notebook_runs_and_records(runs_dir, tmp_path, monkeypatch):
     assert (r['sequences'], r['new_shards'], r['cache_dir']) == (400, 2, m['cache_dir'])   # the short shard refilled, one more
     with pytest.raises(ConfigError, match='shard_size=128'): run_build_cache(CacheJob(seq_len=128, shard_size=64), quiet=True)
     assert len([p for p in runs_dir.iterdir() if p.is_dir()]) == 2   # the refused job opened no run folder
+
+# ---- the original framework's users (issue 24): `python scripts/sequence_packing_cache.py [--mode inverse] [--force-rebuild]` ----
+
+def test_original_script_flags_parse():
+    "The script's flags are CacheJob's: --mode normal|forward|inverse and --force-rebuild (hyphen or underscore); contradictions are refused."
+    from llmwb.runs import parse_job_args
+    assert parse_job_args(CacheJob, [], 'llmwb cache')[0] == CacheJob()
+    assert parse_job_args(CacheJob, ['--mode', 'inverse'], 'llmwb cache')[0].mode == 'inverse'
+    assert parse_job_args(CacheJob, ['--mode', 'forward'], 'llmwb cache')[0].mode == 'normal'
+    assert parse_job_args(CacheJob, ['--force-rebuild'], 'llmwb cache')[0].force_rebuild is True
+    with pytest.raises(ConfigError, match='force_rebuild=True deletes it'): parse_job_args(CacheJob, ['--mode', 'inverse', '--force-rebuild'], 'x')
+
+def test_inverse_mode_fills_gaps_only_and_force_rebuild_starts_over(runs_dir, cache_dir, capsys):
+    "`llmwb cache --mode inverse` rebuilds the missing and corrupt shards of the cache bit for bit and adds nothing; with no cache it is refused; --force-rebuild builds anew."
+    from llmwb.runs import main
+    flags = ['--seq_len', '64', '--shard_size', '16']
+    assert main(['cache', *flags, '--mode', 'inverse']) == 2
+    assert 'no cache at' in capsys.readouterr().err and not any(runs_dir.iterdir())
+    assert main(['cache', *flags, '--target_sequences', '64']) == 0
+    c = cache_dir/'sample-imdb_tiny-gpt2_L64'
+    before = _shard_bytes(c)
+    (c/'shard_00001.lz4').unlink()
+    (c/'shard_00003.lz4').write_bytes(b'not lz4')
+    capsys.readouterr()
+    assert main(['cache', *flags, '--mode', 'inverse', '--target_sequences', '128']) == 0   # a larger target is not grown to
+    assert 'rebuilt 2 missing or corrupt shard(s): [1, 3]' in capsys.readouterr().out
+    assert _shard_bytes(c) == before and read_manifest(c)['sequences'] == 64 and verify(c, deep=True)['ok']
+    assert main(['cache', *flags, '--mode', 'inverse']) == 0
+    assert 'inverse mode: all 4 shards are whole, nothing to fill' in capsys.readouterr().out
+    stamp = {p.name: p.stat().st_mtime_ns for p in c.glob('shard_*')}
+    time.sleep(0.01)
+    assert main(['cache', *flags, '--target_sequences', '64', '--force-rebuild']) == 0
+    man = read_manifest(c)
+    assert (man['sequences'], _shard_bytes(c)) == (64, before)
+    assert all(p.stat().st_mtime_ns > stamp[p.name] for p in c.glob('shard_*'))   # every shard written again
+
+def test_dry_run_says_what_a_run_would_do_and_writes_nothing(runs_dir, cache_dir, capsys):
+    "`llmwb cache ... --dry_run` resolves the dataset and tokenizer and says what the run would do to the cache, writing nothing; refusals exit 2."
+    from llmwb.runs import main
+    assert main(['cache', '--dry_run']) == 0
+    out = capsys.readouterr().out
+    assert 'dataset: sample-imdb (generated offline)' in out and 'tokenizer: tiny-gpt2 (preset)' in out
+    assert f"cache: {cache_dir/'sample-imdb_tiny-gpt2_L256'} (new): would build the whole source into sequences of 256 tokens" in out
+    assert not cache_dir.exists() and not any(runs_dir.iterdir())
+    assert main(['cache', '--mode', 'inverse', '--dry_run']) == 2
+    assert 'no cache at' in capsys.readouterr().err
+    assert main(['cache', '--dataset', 'nowhere/corpus.jsonl', '--dry_run']) == 2
+    assert 'the path does not exist' in capsys.readouterr().err
+    assert not cache_dir.exists() and not any(runs_dir.iterdir())
