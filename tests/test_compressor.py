@@ -74,8 +74,14 @@ def test_sweep_stage1b_from_1a_and_resume(runs_dir, cache_dir, tmp_path):
 def test_refused_input(runs_dir, cache_dir, tmp_path):
     "D′ >= D, an init_from with no stage-1a checkpoint, and a checkpoint for another hidden size: one clear message each, nothing written."
     from llmwb.compressor import CompressorJob, train_compressor, DimensionCompressor, save_compressor
+    from llmwb.core import ModelNotFoundError
     with pytest.raises(Exception, match=r"D′=384 must be between 1 and D-1 \(sweep_d_values=\[64, 384\]\).*D=384"):
-        train_compressor(CompressorJob(**{**SMALL, 'sweep_d_values': [64, 384]}), quiet=True)
+        train_compressor(CompressorJob(**{**SMALL, 'model': 'all-MiniLM-L6-v2', 'sweep_d_values': [64, 384]}), quiet=True)
+    # model='auto' here (no SmolLM3-3B offline) is the packaged MiniLM, and a D′ meant for SmolLM3-3B says so
+    job = CompressorJob(**{**SMALL, 'sweep_d_values': [64, 384]})
+    assert job.model == 'all-MiniLM-L6-v2' and job.model_note.startswith('auto, as HuggingFaceTB/SmolLM3-3B cannot be loaded')
+    with pytest.raises(ModelNotFoundError, match=r"D′=384 .*is for LLM-TRM's HuggingFaceTB/SmolLM3-3B, which cannot be loaded here.*D=384"):
+        train_compressor(job, quiet=True)
     (tmp_path/'empty').mkdir()
     with pytest.raises(Exception, match=r"(?s)init_from='.*empty' holds no stage-1a checkpoint for D′=16.*orthogonal"):
         train_compressor(CompressorJob(**{**SMALL, 'stages': ['1b'], 'init_from': str(tmp_path/'empty')}), quiet=True)
@@ -208,7 +214,9 @@ def test_dry_run(runs_dir, cache_dir, tmp_path, monkeypatch, capsys):
     assert lines['stage 1b'].startswith('2000 texts of sample-cot (generated here); starts from D′=64: an orthogonal compressor')
     assert lines['wandb'].endswith("project 'llm-trm-phase1', one run per D′: mine") and 'nothing was written' in out
     assert not list(runs_dir.iterdir()) and not cache_dir.exists() and not list(work.iterdir())
-    rc, out, err = _run_main(['compressor', '--stage', '1a', '--d_compressed', '512', '--dry_run'], capsys)
+    rc, out, err = _run_main(['compressor', '--model', 'all-MiniLM-L6-v2', '--stage', '1a', '--d_compressed', '512', '--dry_run'], capsys)
     assert rc == 2 and 'D′=512 must be between 1 and D-1 (d_compressed=512)' in err and 'SmolLM3-3B has D=3072' in err
+    rc, out, err = _run_main(['compressor', '--stage', '1a', '--d_compressed', '512', '--dry_run'], capsys)   # model=auto: SmolLM3-3B is not here
+    assert rc == 2 and "ModelNotFoundError: The compressed size D′=512 (d_compressed=512) is for LLM-TRM's HuggingFaceTB/SmolLM3-3B" in err
     rc, out, err = _run_main(['compressor', '--model', 'HuggingFaceTB/SmolLM3-3B', '--d_compressed', '512', '--dry_run'], capsys)
     assert rc == 2 and 'ModelNotFoundError' in err
